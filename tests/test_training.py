@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from diffrl.training import EMA, Learner
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+def _loss(net: nn.Module, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(step)
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g)
+    return ((net(x) - y) ** 2).mean()
+
+
+def _max_diff(a: nn.Module, b: nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_learner_matches_reference_adamw_with_clipping(max_grad_norm):
+    net, ref = _mlp(), _mlp()
+    learner = Learner(net, lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99), max_grad_norm=max_grad_norm)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99), foreach=False)
+    for step in range(10):
+        metrics = learner.step(_loss(net, step))
+        opt.zero_grad()
+        _loss(ref, step).backward()
+        norm = nn.utils.clip_grad_norm_(ref.parameters(), max_grad_norm or math.inf)
+        opt.step()
+        assert metrics["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+        assert metrics["lr"] == 1e-2
+    if max_grad_norm is not None:
+        assert norm.item() > 2 * max_grad_norm  # clipping was active
+    assert _max_diff(net, ref) < 1e-6
+    assert _max_diff(net, _mlp()) > 1e-2  # and the parameters did move
+
+
+def test_lr_schedules():
+    p = [nn.Parameter(torch.zeros(1))]
+    warm = Learner(p, lr=1.0, warmup_steps=4)
+    assert [warm.lr_at(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = Learner(p, lr=2.0, lr_schedule="cosine", warmup_steps=2, total_steps=12)
+    assert cos.lr_at(0) == 1.0 and cos.lr_at(2) == 2.0
+    assert cos.lr_at(7) == pytest.approx(1.0)  # halfway through the decay
+    assert cos.lr_at(12) == pytest.approx(0.0, abs=1e-12)
+    lin = Learner(p, lr=1.0, lr_schedule="linear", total_steps=10)
+    assert [lin.lr_at(s) for s in (0, 5, 9, 20)] == pytest.approx([1.0, 0.5, 0.1, 0.0])
+    # the scheduled rate is what the optimiser actually uses
+    net = _mlp()
+    learner = Learner(net, lr=1.0, lr_schedule="linear", total_steps=4)
+    lrs = [learner.step(_loss(net, s))["lr"] for s in range(3)]
+    assert lrs == pytest.approx([1.0, 0.75, 0.5])
+    assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
+
+
+def test_ema_closed_form():
+    net = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema = EMA(net, decay=0.9)
+    for value in (2.0, 4.0):
+        with torch.no_grad():
+            net.weight.fill_(value)
+        ema.update()
+    expected = 0.9 * (0.9 * 1.0 + 0.1 * 2.0) + 0.1 * 4.0
+    assert ema.module.weight.item() == pytest.approx(expected)
+    assert not ema.module.weight.requires_grad
+    ema.copy_to()
+    assert net.weight.item() == pytest.approx(expected)
+
+
+def test_ema_start_and_update_every():
+    net = _mlp()
+    learner = Learner(net, lr=1e-2, ema_decay=0.5, ema_start=3, ema_update_every=2)
+    snapshots = []
+    for step in range(6):
+        learner.step(_loss(net, step))
+        snapshots.append([p.detach().clone() for p in net.parameters()])
+        ema = list(learner.ema_module.parameters())
+        if step < 3:  # a plain copy before ema_start
+            assert all(torch.equal(a, b) for a, b in zip(ema, snapshots[-1], strict=True))
+    # updates 4 and 6 average (update 5 is skipped): ema = 0.5 * (0.5 * w3 + 0.5 * w4) + 0.5 * w6
+    for i, e in enumerate(learner.ema_module.parameters()):
+        expected = 0.25 * snapshots[2][i] + 0.25 * snapshots[3][i] + 0.5 * snapshots[5][i]
+        torch.testing.assert_close(e, expected)
+    plain = _mlp()
+    assert Learner(plain).ema_module is plain
+
+
+def test_learner_state_dict_resumes_bitwise():
+    def make():
+        net = _mlp()
+        return net, Learner(net, lr=1e-2, max_grad_norm=1.0, lr_schedule="cosine", total_steps=20,
+                            warmup_steps=3, ema_decay=0.9)
+
+    net_a, learner_a = make()
+    net_b, learner_b = make()
+    for s in range(5):
+        learner_a.step(_loss(net_a, s))
+        learner_b.step(_loss(net_b, s))
+    state = {"net": net_b.state_dict(), "learner": learner_b.state_dict()}
+    net_c, learner_c = make()
+    net_c.load_state_dict(state["net"])
+    learner_c.load_state_dict(state["learner"])
+    for s in range(5, 10):
+        learner_a.step(_loss(net_a, s))
+        learner_c.step(_loss(net_c, s))
+    assert learner_c.num_steps == 10
+    for p, q in zip(list(net_a.parameters()) + list(learner_a.ema_module.parameters()),
+                    list(net_c.parameters()) + list(learner_c.ema_module.parameters()), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="keeps no EMA"):
+        Learner(_mlp()).load_state_dict(learner_a.state_dict())
+
+
+def test_learner_rejects_bad_arguments():
+    net = _mlp()
+    with pytest.raises(ValueError, match="unknown lr_schedule"):
+        Learner(net, lr_schedule="step")
+    with pytest.raises(ValueError, match="total_steps"):
+        Learner(net, lr_schedule="cosine")
+    with pytest.raises(ValueError, match="nn.Module"):
+        Learner(list(net.parameters()), ema_decay=0.99)
+    with pytest.raises(ValueError, match="lr must be positive"):
+        Learner(net, lr=0.0)
+    learner = Learner(nn.Linear(1, 1))
+    with pytest.raises(RuntimeError, match="does not depend"):
+        learner.step(net(torch.zeros(1, 3)).sum())
