@@ -1,0 +1,30 @@
+"""Samplers behind one call: ``solver.sample(model, x_T, cond, steps, guidance, generator)``."""
+
+from __future__ import annotations
+
+from diffrl.solvers.base import Solver, gaussian_log_prob
+from diffrl.solvers.ddim import DDIM, DDPM, StepDistribution, Trajectory
+from diffrl.solvers.dpm_solver import DPMSolverPP
+from diffrl.solvers.ode import Euler, Heun
+from diffrl.solvers.sde import EulerMaruyama
+from diffrl.solvers.timesteps import SPACINGS, make_timesteps
+
+SOLVERS: dict[str, type[Solver]] = {
+    cls.name: cls for cls in (DDPM, DDIM, DPMSolverPP, Euler, Heun, EulerMaruyama)
+}
+
+
+def make_solver(solver: Solver | str, **kwargs) -> Solver:
+    """A solver instance from its name (see ``SOLVERS``) and keyword options, or the instance itself."""
+    if isinstance(solver, Solver):
+        return solver
+    try:
+        return SOLVERS[solver](**kwargs)
+    except KeyError:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}") from None
+
+
+__all__ = [
+    "DDIM", "DDPM", "DPMSolverPP", "Euler", "EulerMaruyama", "Heun", "SOLVERS", "SPACINGS", "Solver",
+    "StepDistribution", "Trajectory", "gaussian_log_prob", "make_solver", "make_timesteps",
+]
