@@ -10,14 +10,21 @@ from diffrl.nets.embeddings import (
     TimeMLP,
 )
 from diffrl.nets.mlp import ResidualMLP
+from diffrl.nets.transformer import DiT1D
+from diffrl.nets.unet1d import TemporalUNet1D, TemporalValueNet1D
+from diffrl.nets.unet2d import UNet2D
 
 __all__ = [
     "ClassEmbedding",
     "ConditionEncoder",
+    "DiT1D",
     "FourierTimeEmbedding",
     "NullCondition",
     "ResidualMLP",
     "SinusoidalTimeEmbedding",
     "TimeCondEmbedding",
+    "TemporalUNet1D",
+    "TemporalValueNet1D",
     "TimeMLP",
+    "UNet2D",
 ]
