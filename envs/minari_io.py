@@ -1,0 +1,145 @@
+"""Minari datasets <-> `OfflineDataset`, and recovering the Gymnasium env of a dataset."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import gymnasium as gym
+import minari
+import numpy as np
+from minari.data_collector import EpisodeBuffer
+from minari.storage.datasets_root_dir import get_dataset_path
+
+from envs import d4rl
+from envs.datasets import OfflineDataset
+
+
+def local_dataset_ids() -> list[str]:
+    """Ids of the Minari datasets in local storage (``$MINARI_DATASETS_PATH`` or ``~/.minari/datasets``)."""
+    try:
+        return sorted(minari.list_local_datasets())
+    except (OSError, ValueError):
+        return []
+
+
+def _online() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "")
+
+
+def _flatten(data: Any, space: gym.Space, field: str, dataset_id: str) -> np.ndarray:
+    """Per-episode data of a Box space, or a Dict/Tuple of Boxes concatenated in space order, as (T, d)."""
+    if isinstance(space, gym.spaces.Box):
+        arr = np.asarray(data, dtype=np.float32)
+        return arr.reshape(len(arr), -1)
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([_flatten(data[k], s, field, dataset_id) for k, s in space.spaces.items()], 1)
+    if isinstance(space, gym.spaces.Tuple):
+        return np.concatenate([_flatten(data[i], s, field, dataset_id) for i, s in enumerate(space.spaces)], 1)
+    raise ValueError(f"Minari dataset {dataset_id!r}: {field} space {space} is not supported "
+                     "(only Box spaces, or Dict/Tuple of Box spaces, which are flattened)")
+
+
+def open_minari(dataset_id: str, download: bool | None = None) -> minari.MinariDataset:
+    """Open a Minari dataset from local storage; download it only when ``download`` (default: when online)."""
+    if dataset_id in local_dataset_ids():
+        return minari.load_dataset(dataset_id)
+    download = _online() if download is None else download
+    where = get_dataset_path()
+    if not download:
+        raise FileNotFoundError(
+            f"Minari dataset {dataset_id!r} is not in local storage ({where}; set MINARI_DATASETS_PATH to change) "
+            "and remote download is off (offline: HF_HUB_OFFLINE=1, or download=False). "
+            f"Download it when online with `minari download {dataset_id}`.")
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as e:  # minari/huggingface raise many error types for a failed download
+        raise FileNotFoundError(f"Minari dataset {dataset_id!r} is not in local storage ({where}) and "
+                                f"downloading it failed: {e}") from e
+
+
+def load_minari(dataset_id: str, download: bool | None = None) -> OfflineDataset:
+    """Load a Minari dataset as an `OfflineDataset` (episodes concatenated, observations flattened)."""
+    ds = open_minari(dataset_id, download)
+    obs_space, act_space = ds.observation_space, ds.action_space
+    fields: dict[str, list[np.ndarray]] = {k: [] for k in ("obs", "next", "act", "rew", "term", "tout")}
+    for ep in ds.storage.get_episodes(range(ds.total_episodes)):
+        obs = _flatten(ep["observations"], obs_space, "observation", dataset_id)
+        term = np.asarray(ep["terminations"], dtype=bool)
+        tout = np.asarray(ep["truncations"], dtype=bool).copy()
+        if len(term) and not term[-1]:
+            tout[-1] = True  # an episode stored without a final flag still ends here
+        fields["obs"].append(obs[:-1])
+        fields["next"].append(obs[1:])
+        fields["act"].append(_flatten(ep["actions"], act_space, "action", dataset_id))
+        fields["rew"].append(np.asarray(ep["rewards"], dtype=np.float32))
+        fields["term"].append(term)
+        fields["tout"].append(tout)
+    if not fields["obs"]:
+        raise ValueError(f"Minari dataset {dataset_id!r} has no episodes")
+    data = {k: np.concatenate(v) for k, v in fields.items()}
+    meta = ds.storage.metadata
+    env_id = ds.env_spec.id if ds.env_spec is not None else None
+    ref_min, ref_max = meta.get("ref_min_score"), meta.get("ref_max_score")
+    return OfflineDataset(data["obs"], data["act"], data["rew"], data["next"], data["term"], data["tout"],
+                          name=dataset_id, env_id=env_id, ref_min_score=ref_min, ref_max_score=ref_max,
+                          source=f"minari:{dataset_id}", minari_id=dataset_id)
+
+
+def write_minari(dataset: OfflineDataset, dataset_id: str, env: str | gym.Env | None = None,
+                 **metadata: Any) -> minari.MinariDataset:
+    """Write ``dataset`` as a Minari dataset (HDF5 format) under ``dataset_id`` in Minari's local storage.
+
+    ``env`` (default: ``dataset.env_id``) gives the spaces and the recoverable env; without one, unbounded Box
+    spaces of the dataset's dims are used. Extra ``metadata`` (author, algorithm_name, description, ...) is
+    passed to `minari.create_dataset_from_buffers`.
+    """
+    obs, nxt, act = dataset.observations.numpy(), dataset.next_observations.numpy(), dataset.actions.numpy()
+    rew, term, tout = dataset.rewards.numpy(), dataset.terminals.numpy(), dataset.timeouts.numpy()
+    buffers = []
+    for i, (s, e) in enumerate(dataset.episode_bounds()):
+        truncations = tout[s:e].copy()
+        truncations[-1] = not term[e - 1]
+        buffers.append(EpisodeBuffer(
+            id=i, observations=np.concatenate([obs[s:e], nxt[e - 1:e]]), actions=act[s:e],
+            rewards=rew[s:e], terminations=term[s:e], truncations=truncations))
+    env = env if env is not None else dataset.env_id
+    spaces = {}
+    if env is None:
+        spaces = {"observation_space": gym.spaces.Box(-np.inf, np.inf, (dataset.obs_dim,), np.float32),
+                  "action_space": gym.spaces.Box(-np.inf, np.inf, (dataset.act_dim,), np.float32)}
+    if dataset.ref_min_score is not None and dataset.ref_max_score is not None:
+        metadata = {"ref_min_score": dataset.ref_min_score, "ref_max_score": dataset.ref_max_score, **metadata}
+    return minari.create_dataset_from_buffers(dataset_id, buffers, env=env, data_format="hdf5", **spaces,
+                                              **metadata)
+
+
+def make_env(dataset_or_env_id: OfflineDataset | str, **kwargs: Any) -> gym.Env:
+    """The Gymnasium env of a dataset or id.
+
+    Accepts an `OfflineDataset` (its Minari env when recoverable, else its ``env_id``), a registered Gymnasium
+    id, a D4RL name (``"hopper-medium-v2"`` -> ``Hopper-v5``), a local Minari id, or ``"toy:pointnav"``.
+    ``kwargs`` go to `gymnasium.make`.
+    """
+    from envs import toy
+
+    if isinstance(dataset_or_env_id, OfflineDataset):
+        ds = dataset_or_env_id
+        if ds.minari_id is not None and ds.minari_id in local_dataset_ids():
+            return minari.load_dataset(ds.minari_id).recover_environment(eval_env=True, **kwargs)
+        if ds.env_id is None:
+            raise ValueError(f"dataset {ds.name!r} records no environment (env_id is None); pass an env id")
+        return make_env(ds.env_id, **kwargs)
+    name = str(dataset_or_env_id)
+    if name in gym.registry:
+        return gym.make(name, **kwargs)
+    if name == "toy:pointnav":
+        return gym.make(toy.POINTNAV_ID, **kwargs)
+    if d4rl.is_d4rl_name(name):
+        return gym.make(d4rl.gym_env_id(name), **kwargs)
+    if name in local_dataset_ids():
+        return minari.load_dataset(name).recover_environment(eval_env=True, **kwargs)
+    if "/" in name and d4rl.gym_env_id(name):
+        return gym.make(d4rl.gym_env_id(name), **kwargs)  # e.g. "mujoco/hopper/medium-v0" not downloaded
+    raise ValueError(f"cannot make an environment for {name!r}: not a registered Gymnasium id, D4RL name, "
+                     "local Minari dataset or toy env")
