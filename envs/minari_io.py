@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import gymnasium as gym
@@ -110,8 +111,10 @@ def write_minari(dataset: OfflineDataset, dataset_id: str, env: str | gym.Env | 
                   "action_space": gym.spaces.Box(-np.inf, np.inf, (dataset.act_dim,), np.float32)}
     if dataset.ref_min_score is not None and dataset.ref_max_score is not None:
         metadata = {"ref_min_score": dataset.ref_min_score, "ref_max_score": dataset.ref_max_score, **metadata}
-    return minari.create_dataset_from_buffers(dataset_id, buffers, env=env, data_format="hdf5", **spaces,
-                                              **metadata)
+    with warnings.catch_warnings():  # Minari recommends optional metadata (permalink, email, eval env) loudly
+        warnings.filterwarnings("ignore", message=".*is set to None", category=UserWarning)
+        return minari.create_dataset_from_buffers(dataset_id, buffers, env=env, data_format="hdf5", **spaces,
+                                                  **metadata)
 
 
 def make_env(dataset_or_env_id: OfflineDataset | str, **kwargs: Any) -> gym.Env:

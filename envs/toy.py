@@ -160,7 +160,7 @@ class PointNavEnv(gym.Env):
 POINTNAV_ID = "diffrl/PointNav-v0"
 POINTNAV_MAX_STEPS = 100
 if POINTNAV_ID not in gym.registry:
-    gym.register(POINTNAV_ID, entry_point=PointNavEnv, max_episode_steps=POINTNAV_MAX_STEPS)
+    gym.register(POINTNAV_ID, entry_point="envs.toy:PointNavEnv", max_episode_steps=POINTNAV_MAX_STEPS)
 
 ROUTES = ("up", "down")
 
