@@ -1,0 +1,294 @@
+"""The ``diffrl`` command: train, eval, collect, bench and list.
+
+This is the one module of the core that imports ``agents`` and ``envs``: it wires datasets, agents and the training
+loop together. Every run writes one folder holding the resolved config, TensorBoard events, checkpoints, evaluation
+results (JSON and CSV), the final policy and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffrl import __version__
+from diffrl.config import apply_overrides, config_from_dict, config_to_dict, suggest
+from diffrl.training import TrainConfig, Trainer
+
+RUN_CONFIG = "config.json"
+POLICY_FILE = "policy.pt"
+
+
+def _agents() -> dict:
+    from agents import AGENTS
+
+    return AGENTS
+
+
+def resolve_agent(kind: str) -> tuple[type, type]:
+    """(ConfigClass, AgentClass) registered under ``kind``, with suggestions for typos."""
+    registry = _agents()
+    key = kind.replace("-", "_")
+    if key not in registry:
+        raise SystemExit(f"unknown agent {kind!r}.{suggest(key, registry)} Known agents: {', '.join(sorted(registry))}")
+    return registry[key]
+
+
+def build_agent(kind: str, config: Any, dataset) -> Any:
+    """Instantiate an agent for ``dataset`` (dimensions and normalisers come from the data)."""
+    _, agent_cls = resolve_agent(kind)
+    return agent_cls.from_dataset(dataset, config)
+
+
+def batch_sampler(agent, dataset):
+    """The agent's own batch sampler (e.g. sequence windows) or uniform transitions."""
+    make = getattr(agent, "batch_sampler", None)
+    return make(dataset) if make is not None else dataset.sample
+
+
+@dataclass
+class RunSpec:
+    """Everything needed to rebuild a run: saved as ``config.json`` in the run folder."""
+
+    agent: str
+    dataset: str
+    agent_config: dict
+    train: dict
+    eval_episodes: int
+    diffrl_version: str = __version__
+
+    def save(self, run_dir: Path) -> None:
+        (run_dir / RUN_CONFIG).write_text(json.dumps(self.__dict__, indent=2))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunSpec:
+        path = run_dir / RUN_CONFIG
+        if not path.is_file():
+            raise SystemExit(f"{run_dir} is not a diffrl run folder (no {RUN_CONFIG})")
+        return cls(**json.loads(path.read_text()))
+
+
+def _new_run_dir(args, kind: str, dataset_name: str) -> Path:
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+        if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
+            raise SystemExit(f"run folder {run_dir} already exists and is not empty: pass --resume {run_dir} to "
+                             "continue it, --overwrite to replace it, or choose another --run-dir")
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        safe = dataset_name.replace("/", "_").replace(":", "_")
+        run_dir = Path(args.runs_root) / f"{kind}-{safe}-{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _evaluator(dataset, episodes: int, seed: int):
+    """Periodic evaluation by return (and normalised score) in the dataset's environment, if it has one."""
+    from envs import evaluate
+
+    if episodes <= 0 or getattr(dataset, "env_id", None) is None:
+        return None
+
+    def run(agent, step: int) -> dict:
+        return evaluate(agent.policy(), dataset, episodes=episodes, seed=seed + 10_000).to_dict()
+
+    return run
+
+
+def cmd_train(args) -> None:
+    from diffrl.distributed import init_distributed, is_main_process
+    from envs import load_dataset
+
+    if "WORLD_SIZE" in os.environ:
+        init_distributed()
+    if args.resume:
+        run_dir = Path(args.resume)
+        spec = RunSpec.load(run_dir)
+        config_cls, _ = resolve_agent(spec.agent)
+        agent_config = config_from_dict(config_cls, spec.agent_config)
+        train_config = config_from_dict(TrainConfig, {**spec.train, "run_dir": str(run_dir)})
+    else:
+        if not args.agent or not args.dataset:
+            raise SystemExit("diffrl train needs AGENT and --dataset (or --resume RUN_DIR)")
+        config_cls, _ = resolve_agent(args.agent)
+        agent_config = apply_overrides(config_cls(), args.overrides)
+        train_overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                             ("seed", args.seed), ("eval_every", args.eval_every),
+                                             ("checkpoint_every", args.checkpoint_every),
+                                             ("log_every", args.log_every)) if v is not None}
+        train_config = TrainConfig(**{**config_to_dict(TrainConfig()), **train_overrides, "run_dir": None})
+        spec = RunSpec(args.agent.replace("-", "_"), args.dataset, config_to_dict(agent_config), {}, args.eval_episodes)
+    dataset = load_dataset(spec.dataset)
+    if not args.resume:
+        run_dir = _new_run_dir(args, spec.agent, dataset.name) if is_main_process() else None
+        train_config = config_from_dict(TrainConfig, {**config_to_dict(train_config),
+                                                      "run_dir": str(run_dir) if run_dir else None})
+        if not train_config.checkpoint_every:
+            train_config = config_from_dict(TrainConfig, {**config_to_dict(train_config),
+                                                          "checkpoint_every": max(1, train_config.steps // 5)})
+        spec.train = {k: v for k, v in config_to_dict(train_config).items() if k != "run_dir"}
+        if run_dir is not None:
+            spec.save(run_dir)
+    agent = build_agent(spec.agent, agent_config, dataset)
+    trainer = Trainer(agent, batch_sampler(agent, dataset), train_config,
+                      evaluate=_evaluator(dataset, spec.eval_episodes, train_config.seed))
+    trainer.fit(resume=bool(args.resume))
+    if is_main_process():
+        _finish_run(agent, dataset, Path(train_config.run_dir), spec)
+
+
+def _finish_run(agent, dataset, run_dir: Path, spec: RunSpec) -> None:
+    """Save the final policy, evaluate it, and plot the learning curve."""
+    from diffrl.plots import plot_learning_curve
+    from envs import evaluate
+
+    policy = agent.policy()
+    policy.save(run_dir / POLICY_FILE)
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "policy": str(run_dir / POLICY_FILE)}
+    if spec.eval_episodes > 0 and getattr(dataset, "env_id", None) is not None:
+        result = evaluate(policy, dataset, episodes=spec.eval_episodes, seed=spec.train.get("seed", 0) + 20_000)
+        summary["final_eval"] = result.to_dict()
+        (run_dir / "final_eval.json").write_text(json.dumps(result.to_dict(), indent=2))
+    plot = plot_learning_curve(run_dir)
+    if plot is not None:
+        summary["plot"] = str(plot)
+    print(json.dumps(summary, indent=2, default=float))
+
+
+def _load_policy(path: Path):
+    from agents.policy import load_policy
+
+    if path.is_dir():
+        path = path / POLICY_FILE
+    return load_policy(path)
+
+
+def _eval_one(job: tuple[str, str | None, int, int]) -> dict:
+    from envs import evaluate, load_dataset
+
+    path, env, episodes, seed = job
+    policy = _load_policy(Path(path))
+    target = env
+    if target is None:
+        run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
+        target = load_dataset(RunSpec.load(run_dir).dataset)
+    return {"path": path, "seed": seed, **evaluate(policy, target, episodes=episodes, seed=seed).to_dict()}
+
+
+def cmd_eval(args) -> None:
+    from diffrl.distributed import parallel_map
+
+    jobs = [(str(p), args.env, args.episodes, s) for p in args.paths for s in args.seeds]
+    results = parallel_map(_eval_one, jobs, processes=args.workers)
+    print(json.dumps(results, indent=2, default=float))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2, default=float))
+
+
+def cmd_collect(args) -> None:
+    from envs import collect
+
+    paths = collect(args.env, level=args.level, n_transitions=args.transitions, train_steps=args.train_steps,
+                    seed=args.seed, out_dir=args.out, formats=tuple(args.formats.split(",")))
+    print(json.dumps([str(p) for p in paths] if isinstance(paths, list | tuple) else paths, indent=2, default=str))
+
+
+def cmd_bench(args) -> None:
+    script = Path(__file__).resolve().parent.parent / "scripts" / f"bench_{args.name.replace('-', '_')}.py"
+    if not script.is_file():
+        available = sorted(p.stem[len("bench_"):] for p in script.parent.glob("bench_*.py"))
+        raise SystemExit(f"no benchmark {args.name!r}.{suggest(args.name, available)} "
+                         f"Available: {', '.join(available)}")
+    sys.argv = [str(script), *args.rest]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def cmd_list(args) -> None:
+    from diffrl.schedules import SCHEDULES
+    from diffrl.solvers import SOLVERS
+    from envs.datasets import list_datasets
+
+    print("agents:    " + ", ".join(sorted(_agents())))
+    print("solvers:   " + ", ".join(sorted(SOLVERS)))
+    print("schedules: " + ", ".join(sorted(SCHEDULES)))
+    print("datasets:")
+    for name in list_datasets():
+        print(f"  {name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffrl", description="Diffusion models for decision making.")
+    parser.add_argument("--version", action="version", version=f"diffrl {__version__}")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train an agent on an offline dataset",
+                           epilog="Agent config fields are set with field=value, e.g. lr=1e-4 hidden=512.")
+    train.add_argument("agent", nargs="?", help="agent kind (see `diffrl list`); then any field=value overrides")
+    train.add_argument("--dataset", help="D4RL name or .hdf5 path, Minari id, or toy:<name>")
+    train.add_argument("--steps", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--eval-every", type=int)
+    train.add_argument("--eval-episodes", type=int, default=10)
+    train.add_argument("--checkpoint-every", type=int)
+    train.add_argument("--log-every", type=int)
+    train.add_argument("--run-dir", help="run folder (default: runs/<agent>-<dataset>-<time>)")
+    train.add_argument("--runs-root", default="runs")
+    train.add_argument("--overwrite", action="store_true", help="reuse a non-empty --run-dir")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly from its latest checkpoint")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate saved policies (run folders or policy files)")
+    ev.add_argument("paths", nargs="+")
+    ev.add_argument("--episodes", type=int, default=10)
+    ev.add_argument("--env", help="environment id (default: the run's dataset environment)")
+    ev.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
+    ev.add_argument("--workers", type=int, default=1, help="evaluate paths x seeds in this many processes")
+    ev.add_argument("--output", help="write results as JSON here")
+    ev.set_defaults(func=cmd_eval)
+
+    col = sub.add_parser("collect", help="collect a D4RL-style dataset with an SB3 SAC behaviour policy")
+    col.add_argument("env")
+    col.add_argument("--level", default="medium",
+                     choices=["random", "medium", "medium-replay", "expert", "medium-expert"])
+    col.add_argument("--transitions", type=int, default=100_000)
+    col.add_argument("--train-steps", type=int, default=150_000)
+    col.add_argument("--seed", type=int, default=0)
+    col.add_argument("--out", default="datasets")
+    col.add_argument("--formats", default="hdf5,minari")
+    col.set_defaults(func=cmd_collect)
+
+    bench = sub.add_parser("bench", help="run a benchmark script from scripts/bench_<name>.py")
+    bench.add_argument("name")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+
+    lst = sub.add_parser("list", help="list agents, solvers, schedules and datasets")
+    lst.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``diffrl`` command."""
+    import torch
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = extra if args.command != "train" else [x for x in extra if x not in overrides]
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    args.overrides = overrides
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise SystemExit(f"error: {err}") from None
