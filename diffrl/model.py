@@ -53,14 +53,18 @@ class DiffusionModel(nn.Module):
         return denoising_loss(self.denoiser, self.schedule, self.prediction, x0, cond, weighting=self.weighting,
                               generator=generator, reduction=reduction)
 
-    @torch.no_grad()
     def sample(self, shape: Sequence[int], cond=None, *, solver: Solver | str | None = None, steps: int = 20,
                guidance: Guidance | Sequence[Guidance] | None = None, generator: torch.Generator | None = None,
-               x_T: Tensor | None = None) -> Tensor:
-        """Draw samples of ``shape`` (batch first) with ``solver`` in ``steps`` grid points."""
+               x_T: Tensor | None = None, grad: bool = False) -> Tensor:
+        """Draw samples of ``shape`` (batch first) with ``solver`` in ``steps`` grid points.
+
+        ``grad=True`` records the autograd graph through the whole chain (e.g. to backpropagate a critic's value
+        of the samples into the denoiser, as in Diffusion-QL); by default sampling runs without gradients.
+        """
         solver = make_solver(solver or "dpm-solver++")
         param = next(self.parameters(), None)
         device = param.device if param is not None else None
         if x_T is None:
             x_T = self.schedule.prior(tuple(shape), generator=generator, device=device)
-        return solver.sample(self, x_T, cond, steps=steps, guidance=as_guidance(guidance), generator=generator)
+        return solver.sample(self, x_T, cond, steps=steps, guidance=as_guidance(guidance), generator=generator,
+                             grad=grad)

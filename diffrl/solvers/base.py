@@ -43,10 +43,18 @@ class Solver(ABC):
     def timesteps(self, model: DiffusionModel, steps: int) -> Tensor:
         return make_timesteps(model.schedule, steps, self.spacing)
 
-    @torch.no_grad()
     def sample(self, model: DiffusionModel, x_T: Tensor, cond=None, steps: int = 20,
-               guidance: Guidance | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Run the sampler from ``x_T`` (a prior draw) and return samples of the data."""
+               guidance: Guidance | None = None, generator: torch.Generator | None = None,
+               grad: bool = False) -> Tensor:
+        """Run the sampler from ``x_T`` (a prior draw) and return samples of the data.
+
+        Runs without gradients unless ``grad=True``, which keeps the graph through every step.
+        """
+        with torch.set_grad_enabled(grad):
+            return self._sample(model, x_T, cond, steps, guidance, generator)
+
+    def _sample(self, model: DiffusionModel, x_T: Tensor, cond, steps: int, guidance: Guidance | None,
+                generator: torch.Generator | None) -> Tensor:
         guidance = as_guidance(guidance)
         grid = self.timesteps(model, steps).to(device=x_T.device, dtype=x_T.dtype)
         batch = x_T.shape[0]
