@@ -1,0 +1,276 @@
+"""The controller-facing policy shared by every agent: numpy in, numpy out, state (history, action queue) inside.
+
+An agent builds an *actor module*: an ``nn.Module`` with ``forward(obs (B, n_obs_steps, obs_dim) normalised,
+generator=None) -> (B, n_actions, act_dim) normalised actions`` whose first action is the one to execute now, and
+``export_config() -> dict`` (plain data) from which the registered builder rebuilds it. :class:`Policy` wraps it with
+observation/action normalisation, an observation history, a receding-horizon action queue, seeding, clipping to
+the action bounds, checkpoint files and TorchScript export.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from diffrl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+#: kind -> builder(config dict) -> actor module.
+ACTORS: dict[str, Callable[[dict], nn.Module]] = {}
+CHECKPOINT_KIND = "policy"
+
+
+def register_actor(kind: str) -> Callable:
+    """Register an actor class (built as ``cls(**config)``) or a builder function ``fn(config) -> module``.
+
+    A decorated class gets ``actor_kind = kind``; a builder function's modules get it set when built.
+    """
+    def decorate(obj):
+        if kind in ACTORS:
+            raise ValueError(f"actor kind {kind!r} is already registered")
+        if isinstance(obj, type):
+            obj.actor_kind = kind
+            ACTORS[kind] = lambda config: obj(**config)
+        else:
+            def build(config: dict) -> nn.Module:
+                module = obj(config)
+                module.actor_kind = kind
+                return module
+            ACTORS[kind] = build
+        return obj
+    return decorate
+
+
+def build_actor(kind: str, config: dict) -> nn.Module:
+    """Rebuild a registered actor from its ``export_config()``."""
+    if kind not in ACTORS:
+        import agents  # noqa: F401  (registers the actors of the bundled agents)
+    if kind not in ACTORS:
+        raise KeyError(f"no actor registered as {kind!r}; known kinds: {sorted(ACTORS)}")
+    return ACTORS[kind](dict(config))
+
+
+def _affine(normalizer: Any, dim: int | None, name: str) -> tuple[Tensor, Tensor]:
+    """(mean, std) float32 tensors of a normaliser with ``.mean``/``.std`` (None: identity)."""
+    if normalizer is None:
+        if dim is None:
+            return torch.zeros(()), torch.ones(())
+        return torch.zeros(dim), torch.ones(dim)
+    if not (hasattr(normalizer, "mean") and hasattr(normalizer, "std")):
+        raise TypeError(f"{name} must have .mean and .std (e.g. envs.datasets.Normalizer), got {type(normalizer)}")
+    mean = torch.as_tensor(normalizer.mean, dtype=torch.float32).detach().clone()
+    std = torch.as_tensor(normalizer.std, dtype=torch.float32).detach().clone()
+    if mean.shape != std.shape or (dim is not None and mean.dim() and mean.shape[-1] != dim):
+        raise ValueError(f"{name} has mean {tuple(mean.shape)} / std {tuple(std.shape)}, expected ({dim},)")
+    return mean, std
+
+
+def _bound(value: Any, act_dim: int | None, name: str) -> Tensor | None:
+    if value is None:
+        return None
+    bound = torch.as_tensor(np.asarray(value, dtype=np.float32))
+    if bound.dim() > 1 or (act_dim is not None and bound.dim() == 1 and bound.numel() != act_dim):
+        raise ValueError(f"{name} must be a scalar or have shape ({act_dim},), got {tuple(bound.shape)}")
+    return bound
+
+
+def _dims(actor: nn.Module, config: dict, obs_dim: int | None, act_dim: int | None,
+          obs_norm: Any) -> tuple[int, int | None]:
+    obs_dim = obs_dim or getattr(actor, "obs_dim", None) or config.get("obs_dim")
+    if obs_dim is None and obs_norm is not None and np.ndim(obs_norm.mean) == 1:
+        obs_dim = len(obs_norm.mean)
+    if obs_dim is None:
+        raise ValueError("cannot tell the observation size: pass obs_dim or give the actor an obs_dim attribute")
+    return int(obs_dim), act_dim or getattr(actor, "act_dim", None) or config.get("act_dim")
+
+
+class Policy:
+    """Wraps an actor module for control loops.
+
+    ``act(obs)`` takes one observation (obs_dim,) or a batch (n, obs_dim) as numpy and returns (act_dim,) or
+    (n, act_dim) float32 actions in the environment's units. Observations are normalised, the last
+    ``n_obs_steps`` are kept (the first one repeated after ``reset()``), and the actor is queried only when the
+    queue of planned actions is empty, after which the first ``n_action_steps`` actions are executed one per call.
+    With ``seed`` set, ``reset()`` re-seeds the sampler, so the same seed gives the same actions.
+    """
+
+    def __init__(self, actor: nn.Module, obs_normalizer: Any = None, action_normalizer: Any = None,
+                 n_obs_steps: int = 1, n_action_steps: int = 1, action_low: Any = None, action_high: Any = None,
+                 seed: int | None = None, obs_dim: int | None = None, act_dim: int | None = None,
+                 device: str | torch.device = "cpu"):
+        if n_obs_steps < 1 or n_action_steps < 1:
+            raise ValueError(f"n_obs_steps and n_action_steps must be >= 1, got {n_obs_steps}, {n_action_steps}")
+        if not hasattr(actor, "export_config"):
+            raise TypeError(f"actor {type(actor).__name__} has no export_config(); see agents.policy")
+        self.device = torch.device(device)
+        self.actor = actor.to(self.device).eval()
+        self.obs_dim, self.act_dim = _dims(actor, actor.export_config(), obs_dim, act_dim, obs_normalizer)
+        self.n_obs_steps, self.n_action_steps = int(n_obs_steps), int(n_action_steps)
+        self._obs_mean, self._obs_std = (t.to(self.device) for t in _affine(obs_normalizer, self.obs_dim,
+                                                                            "obs_normalizer"))
+        self._act_mean, self._act_std = (t.to(self.device) for t in _affine(action_normalizer, self.act_dim,
+                                                                            "action_normalizer"))
+        self._obs_inv_std = 1.0 / self._obs_std
+        self.action_low = _bound(action_low, self.act_dim, "action_low")
+        self.action_high = _bound(action_high, self.act_dim, "action_high")
+        self.seed = seed
+        self._generator = torch.Generator(self.device) if seed is not None else None
+        # Actors that differentiate while sampling (gradient guidance) cannot run under inference_mode.
+        self._no_grad = torch.no_grad if getattr(actor, "needs_grad", False) else torch.inference_mode
+        self.reset()
+
+    # ------------------------------------------------------------------------------------------- control
+    def reset(self, seed: int | None = None) -> None:
+        """Start a new episode: clear the history and the action queue; re-seed (``seed`` replaces the stored one)."""
+        if seed is not None:
+            self.seed = seed
+            self._generator = self._generator or torch.Generator(self.device)
+        if self._generator is not None:
+            self._generator.manual_seed(int(self.seed))
+        self._history: Tensor | None = None
+        self._queue: np.ndarray | None = None
+        self._queue_pos = 0
+
+    def _check(self, obs: Any) -> np.ndarray:
+        x = obs if isinstance(obs, np.ndarray) else np.asarray(obs)
+        if x.dtype.kind not in "fiu":
+            raise TypeError(f"observation must be a numeric array of shape ({self.obs_dim},) or (n, {self.obs_dim}), "
+                            f"got dtype {x.dtype}")
+        if x.ndim not in (1, 2) or x.shape[-1] != self.obs_dim:
+            raise ValueError(f"observation must have shape ({self.obs_dim},) or (n, {self.obs_dim}), "
+                             f"got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("observation contains NaN or infinite values")
+        return x
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """The action(s) to execute now for observation(s) ``obs``."""
+        x = self._check(obs)
+        single = x.ndim == 1
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        t = (t.view(-1, 1, self.obs_dim) - self._obs_mean) * self._obs_inv_std
+        batch = t.shape[0]
+        if self._history is not None and self._history.shape[0] != batch:
+            raise ValueError(f"batch size changed from {self._history.shape[0]} to {batch} without reset()")
+        if self.n_obs_steps == 1:
+            self._history = t
+        elif self._history is None:
+            self._history = t.expand(batch, self.n_obs_steps, self.obs_dim).clone()
+        else:
+            self._history = torch.cat([self._history[:, 1:], t], dim=1)
+        if self._queue is None or self._queue_pos >= self._queue.shape[1]:
+            self._queue, self._queue_pos = self._plan(self._history), 0
+        action = self._queue[:, self._queue_pos]
+        self._queue_pos += 1
+        return action[0] if single else action
+
+    def _plan(self, history: Tensor) -> np.ndarray:
+        """Query the actor; returns the next ``n_action_steps`` raw actions (B, k, act_dim) as numpy."""
+        with self._no_grad():
+            actions = self.actor(history, self._generator)
+            if actions.dim() != 3 or actions.shape[0] != history.shape[0]:
+                raise RuntimeError(f"actor returned shape {tuple(actions.shape)}, expected (B, n_actions, act_dim)")
+            actions = self._postprocess(actions[:, : self.n_action_steps])
+        return actions.cpu().numpy()
+
+    def _postprocess(self, actions: Tensor) -> Tensor:
+        actions = torch.addcmul(self._act_mean, actions, self._act_std)
+        if self.action_low is not None or self.action_high is not None:
+            actions = actions.clamp(self.action_low, self.action_high)
+        return actions
+
+    # ------------------------------------------------------------------------------------------- files
+    def _payload(self) -> dict:
+        actor = self.actor
+        kind = getattr(actor, "actor_kind", None)
+        if kind is None:
+            raise TypeError(f"{type(actor).__name__} is not a registered actor; decorate it with @register_actor")
+        return {
+            "actor_kind": kind,
+            "actor_config": actor.export_config(),
+            "actor_state": {k: v.detach().cpu() for k, v in actor.state_dict().items()},
+            "policy": {
+                "obs_mean": self._obs_mean.cpu(), "obs_std": self._obs_std.cpu(),
+                "act_mean": self._act_mean.cpu(), "act_std": self._act_std.cpu(),
+                "n_obs_steps": self.n_obs_steps, "n_action_steps": self.n_action_steps,
+                "action_low": self.action_low, "action_high": self.action_high, "seed": self.seed,
+                "obs_dim": self.obs_dim, "act_dim": self.act_dim,
+            },
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the policy (actor config and weights, normalisers, execution settings) to a checkpoint file."""
+        return save_checkpoint(path, self._payload(), kind=CHECKPOINT_KIND)
+
+    def export_torchscript(self, path: str | os.PathLike, batch_size: int = 1) -> Path:
+        """Save a TorchScript module ``raw obs history (B, n_obs_steps, obs_dim) -> raw actions (B, k, act_dim)``.
+
+        It holds the normalisers, the sampler and the clipping; noise comes from torch's global generator
+        (``torch.manual_seed`` in the loading process). Load with plain ``torch.jit.load``; diffrl is not needed.
+        """
+        module = _Exported(self).eval()
+        example = torch.zeros(batch_size, self.n_obs_steps, self.obs_dim, device=self.device)
+        import warnings
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(module, (example,), check_trace=False)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.jit.save(traced, str(path))
+        return path
+
+
+class _Exported(nn.Module):
+    """The whole policy step as one module, for tracing."""
+
+    def __init__(self, policy: Policy):
+        super().__init__()
+        self.actor = policy.actor
+        self.n_action_steps = policy.n_action_steps
+        for name in ("_obs_mean", "_obs_std", "_act_mean", "_act_std"):
+            self.register_buffer(name.lstrip("_"), getattr(policy, name).clone())
+        self.low, self.high = policy.action_low, policy.action_high
+
+    def forward(self, obs: Tensor) -> Tensor:
+        actions = self.actor((obs - self.obs_mean) / self.obs_std, None)[:, : self.n_action_steps]
+        actions = actions * self.act_std + self.act_mean
+        if self.low is not None or self.high is not None:
+            actions = actions.clamp(self.low, self.high)
+        return actions
+
+
+def load_policy(path: str | os.PathLike, seed: int | None = None, device: str | torch.device = "cpu") -> Policy:
+    """Rebuild a :class:`Policy` saved with :meth:`Policy.save` (``seed`` overrides the stored one)."""
+    payload = load_checkpoint(path, expected_kind=CHECKPOINT_KIND)
+    try:
+        kind, config, state, settings = (payload[k] for k in ("actor_kind", "actor_config", "actor_state", "policy"))
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is a policy checkpoint without {e}; it was written by an incompatible version") \
+            from e
+    try:
+        actor = build_actor(kind, config)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: {e.args[0]}") from e
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot rebuild the {kind!r} actor from its stored config: {e}") from e
+    try:
+        actor.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the stored weights do not fit the {kind!r} actor: {e}") from e
+    from types import SimpleNamespace
+
+    return Policy(
+        actor,
+        obs_normalizer=SimpleNamespace(mean=settings["obs_mean"], std=settings["obs_std"]),
+        action_normalizer=SimpleNamespace(mean=settings["act_mean"], std=settings["act_std"]),
+        n_obs_steps=settings["n_obs_steps"], n_action_steps=settings["n_action_steps"],
+        action_low=settings["action_low"], action_high=settings["action_high"],
+        seed=settings["seed"] if seed is None else seed, obs_dim=settings["obs_dim"], act_dim=settings["act_dim"],
+        device=device,
+    )
