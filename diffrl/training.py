@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import copy
+import csv
+import io
+import json
 import math
-from collections.abc import Iterable
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from diffrl.distributed import all_reduce_mean, broadcast_tensors, world_size
+from diffrl.checkpoint import atomic_open, load_checkpoint, save_checkpoint
+from diffrl.distributed import all_gather_object, all_reduce_mean, broadcast_tensors, rank, world_size
+from diffrl.seeding import derive_seed, get_rng_state, preserved_rng_state, seed_everything, set_rng_state
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
@@ -196,3 +208,226 @@ class Learner:
         self.num_steps = int(state["num_steps"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+
+
+@dataclass
+class TrainConfig:
+    """Length, batching, seeding and the logging / evaluation / checkpoint cadence of a training run.
+
+    ``eval_every`` and ``checkpoint_every`` of 0 disable evaluation and checkpoints; logs and evaluations
+    happen at multiples of their period, checkpoints at multiples of theirs and after the last step.
+    ``run_dir`` receives ``tb/`` (TensorBoard), ``eval.csv``, ``eval.json`` and ``checkpoints/``.
+    """
+
+    steps: int = 100_000
+    batch_size: int = 256
+    seed: int = 0
+    log_every: int = 1_000
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    progress: bool = True
+    run_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        positive = {"batch_size": self.batch_size, "log_every": self.log_every,
+                    "keep_checkpoints": self.keep_checkpoints}
+        non_negative = {"steps": self.steps, "seed": self.seed, "eval_every": self.eval_every,
+                        "checkpoint_every": self.checkpoint_every}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {value}")
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {value}")
+        if self.checkpoint_every and self.run_dir is None:
+            raise ValueError("TrainConfig.checkpoint_every needs a run_dir to write checkpoints to")
+
+
+def agent_kind(agent: Any) -> str:
+    """The name stored in an agent's checkpoints: its ``kind`` attribute, else its class name."""
+    return getattr(agent, "kind", None) or type(agent).__name__
+
+
+class Trainer:
+    """The training loop shared by all agents: ``batch = sample_batch(batch_size, generator)``, then
+    ``agent.update(batch)``, with logging, evaluation and checkpoints on rank 0.
+
+    The batch generator is owned by the trainer and seeded from ``(config.seed, rank)``; the global RNGs are
+    seeded from the same pair when a fresh run starts. A checkpoint holds the agent, the step, the history,
+    and every rank's batch-generator and global RNG states, so a resumed run takes exactly the steps the
+    uninterrupted run would have taken. Evaluation runs with the global RNG states saved and restored, so
+    how often one evaluates does not change training; ``evaluate(agent, step)`` returns a dict of numbers and
+    must leave the agent as it found it.
+    """
+
+    def __init__(
+        self,
+        agent: Any,
+        sample_batch: Callable[[int, torch.Generator], dict[str, torch.Tensor]],
+        config: TrainConfig,
+        evaluate: Callable[[Any, int], dict[str, float]] | None = None,
+    ) -> None:
+        self.agent = agent
+        self.sample_batch = sample_batch
+        self.config = config
+        self.evaluate = evaluate
+        self.rank, self.world_size = rank(), world_size()
+        self.is_main = self.rank == 0
+        self.run_dir = Path(config.run_dir) if config.run_dir is not None else None
+        self.generator = torch.Generator().manual_seed(derive_seed(config.seed, self.rank, 0))
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.evaluations: list[dict[str, float]] = []
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._started = False
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.run_dir / "checkpoints" if self.run_dir is not None else None
+
+    def fit(self, resume: bool = False) -> list[dict[str, float]]:
+        """Train up to ``config.steps`` updates and return the history of logged means and evaluations.
+
+        With ``resume=True`` the run continues from ``run_dir/checkpoints/latest.pt`` when it exists and starts
+        afresh otherwise. History records are ``{"step": s, "train/<metric>": mean, ...}`` and
+        ``{"step": s, "eval/<metric>": value, ...}``; non-main ranks return an empty history.
+        """
+        cfg = self.config
+        if resume and not self._started and self.checkpoint_dir and (self.checkpoint_dir / "latest.pt").exists():
+            self.resume()
+        if not self._started:
+            seed_everything(derive_seed(cfg.seed, self.rank, 1))
+            self._started = True
+        writer = self._open_writer() if self.is_main and self.run_dir is not None else None
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.is_main),
+                   dynamic_ncols=True, desc="train")
+        clock = (time.perf_counter(), self.step)
+        try:
+            while self.step < cfg.steps:
+                metrics = self.agent.update(self.sample_batch(cfg.batch_size, self.generator))
+                self.step += 1
+                for key, value in metrics.items():
+                    self._sums[key] = self._sums.get(key, 0.0) + float(value)
+                self._count += 1
+                bar.update()
+                if self.step % cfg.log_every == 0:
+                    clock = self._log(writer, bar, clock)
+                if self.evaluate is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self._evaluate(writer)
+                if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        return self.history
+
+    def _open_writer(self):
+        from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+
+        return SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+
+    def _log(self, writer, bar, clock: tuple[float, int]) -> tuple[float, int]:
+        means = {f"train/{k}": v / self._count for k, v in self._sums.items()}
+        self._sums, self._count = {}, 0
+        now = time.perf_counter()
+        if self.is_main:
+            self.history.append({"step": self.step, **means})
+            steps_per_sec = (self.step - clock[1]) / max(now - clock[0], 1e-9)
+            if writer is not None:
+                for key, value in means.items():
+                    writer.add_scalar(key, value, self.step)
+                writer.add_scalar("time/steps_per_sec", steps_per_sec, self.step)
+            bar.set_postfix({k.removeprefix("train/"): f"{v:.4g}" for k, v in means.items()}, refresh=False)
+        return now, self.step
+
+    def _evaluate(self, writer) -> None:
+        if not self.is_main:
+            return
+        with preserved_rng_state():
+            results = self.evaluate(self.agent, self.step)
+        try:
+            results = {str(k): float(v) for k, v in results.items()}
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"evaluate() must return a dict of numbers, got {results!r}") from e
+        self.evaluations.append({"step": self.step, **results})
+        self.history.append({"step": self.step, **{f"eval/{k}": v for k, v in results.items()}})
+        if self.run_dir is not None:
+            for key, value in results.items():
+                writer.add_scalar(f"eval/{key}", value, self.step)
+            writer.flush()
+            self._write_eval_files()
+
+    def _write_eval_files(self) -> None:
+        fields = list(dict.fromkeys(k for record in self.evaluations for k in record))
+        text = io.StringIO()
+        table = csv.DictWriter(text, fieldnames=fields, restval="", lineterminator="\n")
+        table.writeheader()
+        table.writerows(self.evaluations)
+        with atomic_open(self.run_dir / "eval.csv", "w") as f:
+            f.write(text.getvalue())
+        with atomic_open(self.run_dir / "eval.json", "w") as f:
+            json.dump(self.evaluations, f, indent=1)
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step_XXXXXXX.pt`` and point ``latest.pt`` at it (rank 0; every rank must call)."""
+        if self.checkpoint_dir is None:
+            raise ValueError("cannot save a checkpoint: TrainConfig.run_dir is not set")
+        rng_states = all_gather_object({"global": get_rng_state(), "batches": self.generator.get_state()})
+        if not self.is_main:
+            return None
+        payload = {
+            "agent": self.agent.state_dict(),
+            "step": self.step,
+            "rng": rng_states,
+            "history": self.history,
+            "evaluations": self.evaluations,
+            "log_sums": self._sums,
+            "log_count": self._count,
+            "config": asdict(self.config),
+        }
+        path = save_checkpoint(self.checkpoint_dir / f"step_{self.step:07d}.pt", payload, agent_kind(self.agent))
+        self._point_latest_to(path)
+        old = sorted(self.checkpoint_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        for stale in old[: -self.config.keep_checkpoints]:
+            stale.unlink()
+        return path
+
+    def _point_latest_to(self, path: Path) -> None:
+        """Atomically replace latest.pt by a hard link to ``path`` (a copy where links are unsupported)."""
+        latest = path.with_name("latest.pt")
+        tmp = path.with_name(".latest.pt.link")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            with open(path, "rb") as src, atomic_open(tmp) as dst:
+                shutil.copyfileobj(src, dst)
+        os.replace(tmp, latest)
+
+    def resume(self, run_dir: str | os.PathLike | None = None) -> int:
+        """Load ``<run_dir>/checkpoints/latest.pt`` (default: the config's run_dir); returns the step reached.
+
+        Later logs and checkpoints still go to the config's run_dir.
+        """
+        source = Path(run_dir) if run_dir is not None else self.run_dir
+        if source is None:
+            raise ValueError("resume() needs a run_dir: none given and TrainConfig.run_dir is not set")
+        payload = load_checkpoint(source / "checkpoints" / "latest.pt", expected_kind=agent_kind(self.agent))
+        if len(payload["rng"]) != self.world_size:
+            raise ValueError(
+                f"checkpoint was written by {len(payload['rng'])} processes; resume with the same number "
+                f"(this run has {self.world_size})"
+            )
+        self.agent.load_state_dict(payload["agent"])
+        self.step = payload["step"]
+        self.history = payload["history"] if self.is_main else []
+        self.evaluations = payload["evaluations"] if self.is_main else []
+        self._sums, self._count = payload["log_sums"], payload["log_count"]
+        states = payload["rng"][self.rank]
+        set_rng_state(states["global"])
+        self.generator.set_state(states["batches"])
+        self._started = True
+        return self.step

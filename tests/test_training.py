@@ -1,10 +1,17 @@
+import csv
+import dataclasses
+import json
 import math
 
 import pytest
 import torch
 from torch import nn
+from toy_agent import ToyAgent, sample_batch
+from toy_agent import evaluate as toy_evaluate
 
-from diffrl.training import EMA, Learner
+from diffrl.checkpoint import CheckpointError, load_checkpoint
+from diffrl.seeding import seed_everything
+from diffrl.training import EMA, Learner, TrainConfig, Trainer
 
 
 def _mlp(seed: int = 0) -> nn.Module:
@@ -132,3 +139,135 @@ def test_learner_rejects_bad_arguments():
     learner = Learner(nn.Linear(1, 1))
     with pytest.raises(RuntimeError, match="does not depend"):
         learner.step(net(torch.zeros(1, 3)).sum())
+
+
+# ---------------------------------------------------------------- Trainer
+
+def _run(run_dir, steps, seed=0, evaluate=toy_evaluate, resume=False, agent_seed=0, **overrides):
+    config = TrainConfig(steps=steps, batch_size=16, seed=seed, log_every=3, eval_every=10, checkpoint_every=10,
+                         keep_checkpoints=2, progress=False, run_dir=str(run_dir))
+    config = dataclasses.replace(config, **overrides)
+    agent = ToyAgent(seed=agent_seed)
+    trainer = Trainer(agent, sample_batch, config, evaluate=evaluate)
+    return agent, trainer, trainer.fit(resume=resume)
+
+
+def _same(a: ToyAgent, b: ToyAgent) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.tensors(), b.tensors(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full")
+    agent, _, history = _run(run_dir, steps=40)
+    return agent, history, run_dir
+
+
+def test_resume_after_stop_is_bitwise_exact(tmp_path, uninterrupted):
+    full_agent, full_history, full_dir = uninterrupted
+    _run(tmp_path, steps=20)
+    # a fresh process: different initial weights and RNG state, everything must come from the checkpoint
+    torch.manual_seed(99)
+    resumed, trainer, history = _run(tmp_path, steps=40, agent_seed=7, resume=True)
+    assert trainer.step == 40
+    assert _same(resumed, full_agent)
+    assert history == full_history
+    assert (tmp_path / "eval.json").read_text() == (full_dir / "eval.json").read_text()
+    assert (tmp_path / "eval.csv").read_text() == (full_dir / "eval.csv").read_text()
+
+
+def test_resume_after_crash_is_bitwise_exact(tmp_path, uninterrupted):
+    full_agent, full_history, _ = uninterrupted
+
+    def crashing_sampler(batch_size, generator):
+        crashing_sampler.calls += 1
+        if crashing_sampler.calls == 27:
+            raise KeyboardInterrupt  # killed between checkpoints: steps 21-26 are lost
+        return sample_batch(batch_size, generator)
+
+    crashing_sampler.calls = 0
+    config = TrainConfig(steps=40, batch_size=16, log_every=3, eval_every=10, checkpoint_every=10,
+                         keep_checkpoints=2, progress=False, run_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(ToyAgent(), crashing_sampler, config, evaluate=toy_evaluate).fit()
+    assert load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["step"] == 20
+    resumed = ToyAgent(seed=3)
+    trainer = Trainer(resumed, sample_batch, config, evaluate=toy_evaluate)
+    assert trainer.resume(tmp_path) == 20
+    assert trainer.fit() == full_history
+    assert _same(resumed, full_agent)
+
+
+def test_resume_without_rng_restore_differs(tmp_path, uninterrupted):
+    """Control for the exactness tests: losing the global RNG state after a resume changes the result."""
+    full_agent = uninterrupted[0]
+    _run(tmp_path, steps=20)
+    agent = ToyAgent()
+    trainer = Trainer(agent, sample_batch, TrainConfig(steps=40, batch_size=16, log_every=3, eval_every=10,
+                                                       progress=False, run_dir=str(tmp_path)), toy_evaluate)
+    trainer.resume()
+    seed_everything(12345)
+    trainer.fit()
+    assert not _same(agent, full_agent)
+
+
+def test_evaluation_does_not_change_training(tmp_path, uninterrupted):
+    agent, _, history = _run(tmp_path, steps=40, evaluate=None)
+    assert _same(agent, uninterrupted[0])
+    assert history == [r for r in uninterrupted[1] if not any(k.startswith("eval/") for k in r)]
+
+
+def test_run_directory_contents(uninterrupted):
+    _, history, run_dir = uninterrupted
+    ckpt = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest.pt", "step_0000030.pt", "step_0000040.pt"]
+    latest, last = load_checkpoint(ckpt / "latest.pt", expected_kind="toy"), load_checkpoint(ckpt / "step_0000040.pt")
+    assert latest["step"] == last["step"] == 40
+    assert latest["config"]["steps"] == 40
+    rows = list(csv.DictReader((run_dir / "eval.csv").open()))
+    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40]
+    assert [float(r["step_seen"]) for r in rows] == [10, 20, 30, 40]
+    evals = json.loads((run_dir / "eval.json").read_text())
+    assert [e["mse"] for e in evals] == [float(r["mse"]) for r in rows]
+    assert evals[-1]["mse"] < evals[0]["mse"]  # it learns
+    assert [r["step"] for r in history if "train/loss" in r] == list(range(3, 41, 3))
+    assert any((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.rglob(".latest*"))
+
+
+class _CountingAgent:
+    """update() returns its call count, so logged means are known: (1+...+4)/4 = 2.5, then 6.5, ..."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def update(self, batch):
+        self.calls += 1
+        return {"calls": self.calls, "batch_size": batch["x"].shape[0]}
+
+
+def test_logged_means_without_run_dir():
+    history = Trainer(_CountingAgent(), lambda n, g: {"x": torch.zeros(n)},
+                      TrainConfig(steps=10, batch_size=7, log_every=4, progress=False)).fit()
+    assert history == [{"step": 4, "train/calls": 2.5, "train/batch_size": 7.0},
+                       {"step": 8, "train/calls": 6.5, "train/batch_size": 7.0}]
+
+
+def test_trainer_errors(tmp_path):
+    with pytest.raises(ValueError, match="checkpoint_every needs a run_dir"):
+        TrainConfig(steps=10, checkpoint_every=5)
+    with pytest.raises(ValueError, match="log_every must be >= 1"):
+        TrainConfig(log_every=0)
+    _run(tmp_path, steps=10, evaluate=None)
+    other = _CountingAgent()
+    with pytest.raises(CheckpointError, match="contains a 'toy' agent, expected '_CountingAgent'"):
+        Trainer(other, sample_batch, TrainConfig(steps=10, run_dir=str(tmp_path))).resume()
+    bad_eval = Trainer(ToyAgent(), sample_batch, TrainConfig(steps=2, log_every=1, eval_every=1, progress=False),
+                       evaluate=lambda agent, step: {"returns": [1.0, 2.0]})
+    with pytest.raises(TypeError, match="dict of numbers"):
+        bad_eval.fit()
+
+
+def test_fit_resume_without_checkpoint_starts_fresh(tmp_path, uninterrupted):
+    agent, _, _ = _run(tmp_path, steps=40, resume=True)
+    assert _same(agent, uninterrupted[0])
