@@ -17,6 +17,7 @@ from pathlib import Path
 import gymnasium as gym
 import minari
 import numpy as np
+import torch
 from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback
 
@@ -157,10 +158,17 @@ def collect(
     if any(lv != "random" for lv in levels):
         model, snaps = train_sac(env_id, train_steps, seed, snapshots, eval_episodes, progress)
 
-    def policy_rollout(snap: _Snapshot, name: str, offset: int) -> OfflineDataset:
-        model.actor.load_state_dict(snap.actor)
-        return rollout_dataset(env_id, _SB3Actor(model, deterministic=False).act, n_transitions,
-                               seed + offset, name)
+    rollouts: dict[str, OfflineDataset] = {}
+
+    def policy_rollout(kind: str) -> OfflineDataset:
+        """Stochastic rollouts of the medium or final ("expert") snapshot, made once and seeded."""
+        if kind not in rollouts:
+            offset = 1_000_000 if kind == "medium" else 2_000_000
+            model.actor.load_state_dict(snaps[_medium_index(snaps)].actor if kind == "medium" else snaps[-1].actor)
+            torch.manual_seed(seed + offset)  # SB3 samples stochastic actions from torch's global generator
+            rollouts[kind] = rollout_dataset(env_id, _SB3Actor(model, deterministic=False).act, n_transitions,
+                                             seed + offset, f"{robot}-{kind}")
+        return rollouts[kind]
 
     out: dict[str, dict[str, str]] = {}
     for lv in levels:
@@ -172,11 +180,9 @@ def collect(
         elif lv == "medium-replay":
             data = _replay_dataset(model, snaps[_medium_index(snaps)].step, env_id, name)
         elif lv == "medium-expert":
-            medium = policy_rollout(snaps[_medium_index(snaps)], name, 1_000_000)
-            data = concatenate([medium, policy_rollout(snaps[-1], name, 2_000_000)], name=name)
+            data = concatenate([policy_rollout("medium"), policy_rollout("expert")], name=name)
         else:
-            snap = snaps[_medium_index(snaps)] if lv == "medium" else snaps[-1]
-            data = policy_rollout(snap, name, 1_000_000 if lv == "medium" else 2_000_000)
+            data = policy_rollout(lv)
         out[lv] = _write(data, lv, robot, out_dir, formats)
     return out
 

@@ -112,7 +112,7 @@ def write_minari(dataset: OfflineDataset, dataset_id: str, env: str | gym.Env | 
     if dataset.ref_min_score is not None and dataset.ref_max_score is not None:
         metadata = {"ref_min_score": dataset.ref_min_score, "ref_max_score": dataset.ref_max_score, **metadata}
     with warnings.catch_warnings():  # Minari recommends optional metadata (permalink, email, eval env) loudly
-        warnings.filterwarnings("ignore", message=".*is set to None", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*(is set to None|env_spec is None)", category=UserWarning)
         return minari.create_dataset_from_buffers(dataset_id, buffers, env=env, data_format="hdf5", **spaces,
                                                   **metadata)
 
