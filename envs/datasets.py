@@ -152,9 +152,10 @@ class OfflineDataset:
         if n is not None and len(t) != n:
             raise ValueError(f"{self.source}: length mismatch, field '{field}' has {len(t)} rows but "
                              f"'observations' has {n}")
-        t = t.to(torch.float32).contiguous()
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        values = t.numpy()  # numpy's isfinite is much faster than torch's on one thread
+        if not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).sum())
             raise ValueError(f"{self.source}: field '{field}' contains {bad} non-finite values (NaN/inf)")
         return t
 
@@ -165,7 +166,7 @@ class OfflineDataset:
         if len(t) != n:
             raise ValueError(f"{self.source}: length mismatch, field '{field}' has {len(t)} rows but "
                              f"'observations' has {n}")
-        return t != 0
+        return t.detach().cpu() != 0
 
     def _derive_next_observations(self) -> torch.Tensor:
         """``next_obs[i] = obs[i + 1]`` inside episodes; at an episode end (no successor stored) ``obs[i]``."""
