@@ -117,7 +117,8 @@ def evaluate(
     """Roll out ``policy`` for ``episodes`` episodes and return their returns, lengths and normalised scores.
 
     ``env``: a Gymnasium id or D4RL/Minari/toy name, an `OfflineDataset` (its env, with a shape check), a
-    ``gymnasium.Env`` instance (then one env at a time) or a zero-argument env factory. ``num_envs`` envs
+    ``gymnasium.Env`` instance (then one env at a time; it is closed afterwards) or a zero-argument env
+    factory. ``num_envs`` envs
     (default ``min(episodes, 10)``) run in a `SyncVectorEnv`; each runs exactly one episode per batch, the
     policy is ``reset()`` before each batch, finished envs are masked (their rows keep the final observation;
     nothing after the end is counted). Episode ``i`` is seeded with ``seed + i``, so results do not depend on

@@ -44,6 +44,8 @@ def test_max_episode_steps_and_policy_reset_per_batch():
     policy = ZeroPolicy(3)
     res = evaluate(policy, "Hopper-v5", episodes=5, seed=0, num_envs=2, max_episode_steps=10)
     assert res.lengths.max() <= 10 and policy.resets == 3
+    single = evaluate(ZeroPolicy(3), gym.make("Hopper-v5"), episodes=2, seed=0, max_episode_steps=10)
+    np.testing.assert_array_equal(single.returns, res.returns[:2])
     d = res.to_dict()
     assert d["returns"] == res.returns.tolist() and isinstance(d["normalized_mean"], float)
 
