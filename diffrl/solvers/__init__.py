@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from diffrl.solvers.base import Solver, gaussian_log_prob
+from diffrl.solvers.base import AffineStep, Solver, gaussian_log_prob
 from diffrl.solvers.ddim import DDIM, DDPM, StepDistribution, Trajectory
 from diffrl.solvers.dpm_solver import DPMSolverPP
 from diffrl.solvers.ode import Euler, Heun
+from diffrl.solvers.plan import SamplingPlan
 from diffrl.solvers.sde import EulerMaruyama
 from diffrl.solvers.timesteps import SPACINGS, make_timesteps
 
@@ -25,6 +26,6 @@ def make_solver(solver: Solver | str, **kwargs) -> Solver:
 
 
 __all__ = [
-    "DDIM", "DDPM", "DPMSolverPP", "Euler", "EulerMaruyama", "Heun", "SOLVERS", "SPACINGS", "Solver",
-    "StepDistribution", "Trajectory", "gaussian_log_prob", "make_solver", "make_timesteps",
+    "AffineStep", "DDIM", "DDPM", "DPMSolverPP", "Euler", "EulerMaruyama", "Heun", "SOLVERS", "SPACINGS",
+    "SamplingPlan", "Solver", "StepDistribution", "Trajectory", "gaussian_log_prob", "make_solver", "make_timesteps",
 ]

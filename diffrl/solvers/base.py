@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,6 +15,22 @@ from diffrl.solvers.timesteps import make_timesteps
 
 if TYPE_CHECKING:
     from diffrl.model import DiffusionModel
+
+
+@dataclass(frozen=True)
+class AffineStep:
+    """One grid interval written as ``x_s = x * x_t + eps * eps_i + sum_j x0[j] * x0_{i-j} + noise * z``.
+
+    ``x0_{i-j}`` is the (guided, clipped) data estimate j grid points back, ``eps_i`` the noise estimate at the
+    current point and z ~ N(0, I), drawn only when ``noise`` is not None (as the solver's own step draws it).
+    Solvers whose interval is such an update for fixed times expose it through :meth:`Solver.affine_step`, so
+    that a :class:`~diffrl.solvers.plan.SamplingPlan` can precompute it.
+    """
+
+    x: float
+    eps: float
+    x0: tuple[float, ...]
+    noise: float | None = None
 
 
 class Solver(ABC):
@@ -42,6 +59,11 @@ class Solver(ABC):
 
     def timesteps(self, model: DiffusionModel, steps: int) -> Tensor:
         return make_timesteps(model.schedule, steps, self.spacing)
+
+    def affine_step(self, model: DiffusionModel, grid: Tensor, i: int) -> AffineStep | None:
+        """The interval ``grid[i] -> grid[i + 1]`` of a ``len(grid)``-point run as an :class:`AffineStep`, or None
+        where this solver's step is not one (e.g. several network calls per interval)."""
+        return None
 
     def sample(self, model: DiffusionModel, x_T: Tensor, cond=None, steps: int = 20,
                guidance: Guidance | None = None, generator: torch.Generator | None = None,

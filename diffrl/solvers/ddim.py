@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from diffrl.guidance import Guidance, as_guidance
-from diffrl.solvers.base import Solver, coefs, gaussian_log_prob
+from diffrl.solvers.base import AffineStep, Solver, coefs, gaussian_log_prob
 
 
 @dataclass
@@ -54,12 +54,24 @@ class DDIM(Solver):
                           guidance: Guidance | None = None) -> StepDistribution:
         """The Gaussian p(x_s | x_t) of one step (differentiable in the model's parameters)."""
         x0, eps = model.denoise(x, t, cond, guidance)
-        a_t, s_t = coefs(model, t, x)
-        a_s, s_s = coefs(model, s, x)
+        a_s, _ = coefs(model, s, x)
+        std, eps_coef = self._std_and_eps_coef(model, t, s, x)
+        mean = a_s * x0 + eps_coef * eps
+        return StepDistribution(mean, std.expand_as(mean), x0)
+
+    def _std_and_eps_coef(self, model, t: Tensor, s: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The step's noise std and the weight of eps in its mean."""
+        a_t, s_t = coefs(model, t, like)
+        a_s, s_s = coefs(model, s, like)
         posterior_var = (s_s / s_t) ** 2 * (s_t**2 - (a_t / a_s) ** 2 * s_s**2)
         std = self.eta * posterior_var.clamp_min(0.0).sqrt()
-        mean = a_s * x0 + (s_s**2 - std**2).clamp_min(0.0).sqrt() * eps
-        return StepDistribution(mean, std.expand_as(mean), x0)
+        return std, (s_s**2 - std**2).clamp_min(0.0).sqrt()
+
+    def affine_step(self, model, grid, i):
+        std, eps_coef = self._std_and_eps_coef(model, grid[i], grid[i + 1], grid[i])
+        return AffineStep(x=0.0, eps=float(eps_coef),
+                          x0=(float(model.schedule.alpha(grid[i + 1])),),
+                          noise=float(std) if self.eta > 0.0 else None)
 
     def step(self, model, x, t, s, cond, guidance, generator, state):
         dist = self.step_distribution(model, x, t, s, cond, guidance)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from diffrl.schedules import expand_like
-from diffrl.solvers.base import Solver, coefs
+from diffrl.solvers.base import AffineStep, Solver, coefs
 
 
 def _lam(model, t: Tensor) -> Tensor:
@@ -52,26 +52,44 @@ class DPMSolverPP(Solver):
         return (sig_s / sig_t) * x - a_s * phi_1 * x0, a_s, phi_1, h
 
     def _multistep(self, model, x, t, s, history) -> Tensor:
-        lam_t, m0 = history[-1]
-        x_s, a_s, phi_1, h = self._first_order(model, x, t, s, m0)
-        order = len(history)
-        if order == 1:
-            return x_s
-        lam_1, m1 = history[-2]
-        h0 = expand_like(lam_t - lam_1, x)
-        r0 = h0 / h
-        d1_0 = (m0 - m1) / r0
-        if order == 2:
-            return x_s - 0.5 * a_s * phi_1 * d1_0
-        lam_2, m2 = history[-3]
-        h1 = expand_like(lam_1 - lam_2, x)
-        r1 = h1 / h
-        d1_1 = (m1 - m2) / r1
-        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-        d2 = (d1_0 - d1_1) / (r0 + r1)
-        phi_2 = phi_1 / h + 1.0
-        phi_3 = phi_2 / h - 0.5
-        return x_s + a_s * phi_2 * d1 - a_s * phi_3 * d2
+        x_coef, m_coefs = self._multistep_coefs(model, t, s, [lam for lam, _ in reversed(history)])
+        x_s = expand_like(x_coef, x) * x
+        for c, (_, m) in zip(m_coefs, reversed(history), strict=True):
+            x_s = x_s + expand_like(c, x) * m
+        return x_s
+
+    def _multistep_coefs(self, model, t: Tensor, s: Tensor, lams: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """(c_x, [c_0, c_1, ...]) with x_s = c_x x_t + sum_j c_j m_j, for data estimates m_j at log-SNR/2 ``lams[j]``
+        (newest first; their number is the order)."""
+        a_s, sig_s = model.schedule.alpha(s), model.schedule.sigma(s)
+        h = _lam(model, s) - lams[0]
+        phi_1 = torch.expm1(-h)
+        coefs = [-a_s * phi_1]
+        if len(lams) == 1:
+            return sig_s / model.schedule.sigma(t), coefs
+        r0 = (lams[0] - lams[1]) / h
+        d1_0 = [1.0 / r0, -1.0 / r0, 0.0]  # (m0 - m1) / r0 as weights on (m0, m1, m2)
+        if len(lams) == 2:
+            d = [-0.5 * a_s * phi_1 * w for w in d1_0[:2]]
+        else:
+            r1 = (lams[1] - lams[2]) / h
+            d1_1 = [0.0, 1.0 / r1, -1.0 / r1]
+            diff = [u - v for u, v in zip(d1_0, d1_1, strict=True)]
+            d1 = [u + r0 / (r0 + r1) * w for u, w in zip(d1_0, diff, strict=True)]
+            d2 = [w / (r0 + r1) for w in diff]
+            phi_2 = phi_1 / h + 1.0
+            phi_3 = phi_2 / h - 0.5
+            d = [a_s * (phi_2 * u - phi_3 * v) for u, v in zip(d1, d2, strict=True)]
+        return sig_s / model.schedule.sigma(t), [coefs[0] + d[0], *d[1:]]
+
+    def affine_step(self, model, grid, i):
+        if not self.multistep:
+            return None
+        remaining = len(grid) - 2 - i
+        order = min(i + 1, self.order, remaining + 1) if self.lower_order_final else min(i + 1, self.order)
+        lams = [_lam(model, grid[i - j]) for j in range(order)]
+        x_coef, m_coefs = self._multistep_coefs(model, grid[i], grid[i + 1], lams)
+        return AffineStep(x=float(x_coef), eps=0.0, x0=tuple(float(c) for c in m_coefs))
 
     def _intermediate(self, model, x, t, s, r: float) -> Tensor:
         """The time whose lambda lies a fraction r of the way from t to s."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from diffrl.schedules import expand_like
-from diffrl.solvers.base import Solver
+from diffrl.solvers.base import AffineStep, Solver
 
 
 def velocity(model, x: Tensor, t: Tensor, cond, guidance) -> Tensor:
@@ -26,6 +26,11 @@ class Euler(Solver):
 
     def step(self, model, x, t, s, cond, guidance, generator, state):
         return x + expand_like(s - t, x) * velocity(model, x, t, cond, guidance)
+
+    def affine_step(self, model, grid, i):
+        dt = float(grid[i + 1] - grid[i])
+        da, ds = model.schedule.derivatives(grid[i])
+        return AffineStep(x=1.0, eps=dt * float(ds), x0=(dt * float(da),))
 
 
 class Heun(Solver):

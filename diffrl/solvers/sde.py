@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffrl.schedules import expand_like
-from diffrl.solvers.base import Solver, coefs
+from diffrl.solvers.base import AffineStep, Solver, coefs
 
 
 class EulerMaruyama(Solver):
@@ -22,3 +22,9 @@ class EulerMaruyama(Solver):
         score = -eps / sigma
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x + (f * x - g * g * score) * dt + g * (-dt).sqrt() * noise
+
+    def affine_step(self, model, grid, i):
+        t, dt = grid[i], float(grid[i + 1] - grid[i])
+        f, g, sigma = (float(v) for v in (model.schedule.drift_coef(t), model.schedule.diffusion_coef(t),
+                                          model.schedule.sigma(t)))
+        return AffineStep(x=1.0 + f * dt, eps=g * g * dt / sigma, x0=(0.0,), noise=g * (-dt) ** 0.5)
