@@ -3,3 +3,17 @@
 from __future__ import annotations
 
 AGENTS: dict[str, tuple[type, type]] = {}
+
+from agents.decision_diffuser import DecisionDiffuser, DecisionDiffuserConfig  # noqa: E402
+from agents.diffuser import Diffuser, DiffuserConfig  # noqa: E402
+
+AGENTS[Diffuser.kind] = (DiffuserConfig, Diffuser)
+AGENTS[DecisionDiffuser.kind] = (DecisionDiffuserConfig, DecisionDiffuser)
+
+from agents.diffusion_ql import DiffusionQL, DiffusionQLConfig  # noqa: E402
+from agents.idql import IDQL, IDQLConfig  # noqa: E402
+from agents.qgpo import QGPO, QGPOConfig  # noqa: E402
+
+AGENTS[DiffusionQL.kind] = (DiffusionQLConfig, DiffusionQL)
+AGENTS[QGPO.kind] = (QGPOConfig, QGPO)
+AGENTS[IDQL.kind] = (IDQLConfig, IDQL)

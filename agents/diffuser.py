@@ -8,31 +8,27 @@ plans with value-gradient guidance, ranks them by the return model, executes the
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from agents.planning import (
+    PlannerAgent,
     inpainted_denoising_loss,
     last_observation,
     make_discrete_schedule,
     noisy_inputs,
-    planner_sequences,
     state_inpainting,
     with_termination_penalty,
 )
-from agents.policy import Policy, register_actor
+from agents.policy import register_actor
 from diffrl.guidance import GradientGuidance
 from diffrl.model import DiffusionModel
 from diffrl.nets import TemporalUNet1D, TemporalValueNet1D
 from diffrl.solvers import make_solver
-from diffrl.training import Learner
-from envs.datasets import Normalizer, OfflineDataset, SequenceDataset
+from envs.datasets import Normalizer, OfflineDataset
 
 
 @dataclass
@@ -84,14 +80,6 @@ class DiffuserConfig:
 #: Config fields that only change how plans are sampled (``policy(**overrides)``).
 PLANNING_FIELDS = ("solver", "sampling_steps", "n_candidates", "guide_scale", "guide_t_stop", "n_action_steps",
                    "clip_x0", "goal")
-
-
-def planning_overrides(config: Any, overrides: dict[str, Any]) -> Any:
-    """``config`` with the planning fields in ``overrides`` replaced (other keys are an error)."""
-    unknown = sorted(set(overrides) - set(PLANNING_FIELDS))
-    if unknown:
-        raise ValueError(f"cannot override {unknown} at planning time; allowed: {list(PLANNING_FIELDS)}")
-    return dataclasses.replace(config, **overrides)
 
 
 @register_actor("diffuser")
@@ -157,24 +145,24 @@ class DiffuserActor(nn.Module):
         return self.last_plan["actions"][:, : self.config.n_action_steps]
 
 
-class Diffuser:
-    """Diffuser agent: one ``update`` trains the trajectory model and the return model by one step each."""
+class Diffuser(PlannerAgent):
+    """Diffuser agent: one ``update`` trains the trajectory model and the return model by one step each.
+
+    ``return_normalizer`` standardises the return model's target (the window's discounted, penalised
+    return-to-go); ``plan(obs, goal=...)`` takes a raw goal state for goal-conditioned models.
+    """
 
     kind = "diffuser"
+    actor_class = DiffuserActor
+    planning_fields = PLANNING_FIELDS
 
     def __init__(self, config: DiffuserConfig, obs_dim: int, act_dim: int, obs_normalizer: Normalizer | None = None,
-                 action_normalizer: Normalizer | None = None, value_normalizer: Normalizer | None = None):
-        self.config, self.obs_dim, self.act_dim = config, obs_dim, act_dim
-        self.obs_normalizer = obs_normalizer or Normalizer.identity(obs_dim)
-        self.action_normalizer = action_normalizer or Normalizer.identity(act_dim)
-        self.value_normalizer = value_normalizer or Normalizer.identity()
-        self.nets = DiffuserActor(config, obs_dim, act_dim)
-        c = config
-        self.learner = Learner(self.nets.model.denoiser, lr=c.lr, ema_decay=c.ema_decay, max_grad_norm=c.max_grad_norm)
-        self.value_learner = Learner(self.nets.value, lr=c.value_lr, ema_decay=c.ema_decay,
-                                     max_grad_norm=c.max_grad_norm) if c.train_value else None
-        weights = torch.ones(1, c.horizon, obs_dim + act_dim)
-        weights[:, 0, obs_dim:] = c.action_weight
+                 action_normalizer: Normalizer | None = None, return_normalizer: Normalizer | None = None):
+        super().__init__(config, obs_dim, act_dim, obs_normalizer, action_normalizer, return_normalizer)
+        self.learner = self._learn("model.denoiser", config.lr)
+        self.value_learner = self._learn("value", config.value_lr) if config.train_value else None
+        weights = torch.ones(1, config.horizon, obs_dim + act_dim)
+        weights[:, 0, obs_dim:] = config.action_weight
         self._loss_weights = weights
 
     @classmethod
@@ -184,81 +172,22 @@ class Diffuser:
         return cls(config, dataset.obs_dim, dataset.act_dim, dataset.normalizer("observations"),
                    dataset.normalizer("actions"), Normalizer.fit(returns))
 
-    def sequences(self, dataset: OfflineDataset) -> SequenceDataset:
-        """Training windows of ``dataset`` whose ``returns_to_go`` are this agent's value targets."""
-        return planner_sequences(dataset, self.config.horizon, self.config.discount, self.config.termination_penalty)
-
-    # ------------------------------------------------------------------------------------------- training
-    def _windows(self, batch: dict[str, Tensor]) -> Tensor:
-        obs = self.obs_normalizer.normalize(batch["observations"])
-        act = self.action_normalizer.normalize(batch["actions"])
-        return torch.cat([obs, act], dim=-1)
-
-    def _held(self, x0: Tensor):
-        d = self.obs_dim
-        return state_inpainting(x0, x0[:, 0, :d], x0[:, -1, :d] if self.config.goal_conditioned else None)
-
     def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
         """One step on the inpainted denoising loss and, with a return model, one on its regression loss."""
-        x0 = self._windows(batch)
-        held = self._held(x0)
+        x0 = torch.cat(self._normalize_obs_and_actions(batch), dim=-1)
+        d = self.obs_dim
+        held = state_inpainting(x0, x0[:, 0, :d], x0[:, -1, :d] if self.config.goal_conditioned else None)
         loss = inpainted_denoising_loss(self.nets.model, x0, held, weights=self._loss_weights)
         metrics = {"diffusion_loss": loss.item(), **{f"diffusion_{k}": v for k, v in self.learner.step(loss).items()}}
         if self.value_learner is not None:
-            target = self.value_normalizer.normalize(batch["returns_to_go"][:, 0])
+            target = self.return_normalizer.normalize(batch["returns_to_go"][:, 0])
             x_t, t, _ = noisy_inputs(self.nets.model, x0, held)
             value_loss = F.mse_loss(self.nets.value(x_t, t), target)
             metrics["value_loss"] = value_loss.item()
             metrics.update({f"value_{k}": v for k, v in self.value_learner.step(value_loss).items()})
         return metrics
 
-    # ------------------------------------------------------------------------------------------- acting
-    def actor(self, **overrides: Any) -> DiffuserActor:
-        """A planner with the EMA weights; ``overrides`` change planning fields (see ``PLANNING_FIELDS``)."""
-        config = planning_overrides(self.config, overrides)
-        goal = None if config.goal is None else self.obs_normalizer.normalize(torch.tensor(config.goal)).tolist()
-        actor = DiffuserActor(config, self.obs_dim, self.act_dim, goal)
-        actor.model.denoiser.load_state_dict(self.learner.ema_module.state_dict())
-        if self.value_learner is not None:
-            actor.value.load_state_dict(self.value_learner.ema_module.state_dict())
-        return actor.eval()
-
-    def policy(self, seed: int | None = None, **overrides: Any) -> Policy:
-        """The controller-facing policy (receding horizon: plan, execute ``n_action_steps`` actions, replan)."""
-        actor = self.actor(**overrides)
-        return Policy(actor, self.obs_normalizer, self.action_normalizer, n_action_steps=actor.config.n_action_steps,
-                      seed=seed)
-
-    def plan(self, obs: np.ndarray | Tensor, generator: torch.Generator | None = None,
-             goal: np.ndarray | Tensor | None = None, **overrides: Any) -> dict[str, np.ndarray | None]:
-        """Plans from raw states (B, obs_dim) or (obs_dim,) in raw units: ``states``, ``actions`` and ``values``
-        (predicted discounted return-to-go of the plan, None without a return model)."""
-        actor = self.actor(**overrides)
-        obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32).reshape(-1, self.obs_dim)
-        goal_t = None if goal is None else self.obs_normalizer.normalize(torch.as_tensor(goal, dtype=torch.float32))
-        with torch.no_grad():
-            out = actor.plan(self.obs_normalizer.normalize(obs_t), generator, goal_t)
-        values = None if out["values"] is None else self.value_normalizer.denormalize(out["values"]).numpy()
-        return {"states": self.obs_normalizer.denormalize(out["states"]).numpy(),
-                "actions": self.action_normalizer.denormalize(out["actions"]).numpy(), "values": values}
-
-    # ------------------------------------------------------------------------------------------- state
-    def state_dict(self) -> dict:
-        return {
-            "config": asdict(self.config), "obs_dim": self.obs_dim, "act_dim": self.act_dim,
-            "nets": self.nets.state_dict(), "learner": self.learner.state_dict(),
-            "value_learner": None if self.value_learner is None else self.value_learner.state_dict(),
-            "normalizers": {name: getattr(self, f"{name}_normalizer").state_dict()
-                            for name in ("obs", "action", "value")},
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if (state["obs_dim"], state["act_dim"]) != (self.obs_dim, self.act_dim):
-            raise ValueError(f"saved Diffuser has obs_dim={state['obs_dim']}, act_dim={state['act_dim']}; this one "
-                             f"has {self.obs_dim}, {self.act_dim}")
-        self.nets.load_state_dict(state["nets"])
-        self.learner.load_state_dict(state["learner"])
-        if self.value_learner is not None:
-            self.value_learner.load_state_dict(state["value_learner"])
-        for name, norm in state["normalizers"].items():
-            setattr(self, f"{name}_normalizer", Normalizer.from_state_dict(norm))
+    def _actor_kwargs(self, config: DiffuserConfig) -> dict:
+        if config.goal is None:
+            return {}
+        return {"goal": self.obs_normalizer.normalize(torch.tensor(config.goal)).tolist()}

@@ -8,13 +8,19 @@ both in training (the noisy input carries the clean values there and the loss ig
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import dataclasses
+from typing import Any
 
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from agents.policy import Policy
 from diffrl.guidance import Inpainting
 from diffrl.model import DiffusionModel
 from diffrl.schedules import DiscreteVP
-from envs.datasets import OfflineDataset, SequenceDataset
+from diffrl.training import Learner
+from envs.datasets import Normalizer, OfflineDataset, SequenceDataset
 
 SCHEDULES = {"cosine": DiscreteVP.cosine, "linear": DiscreteVP.linear}
 
@@ -91,3 +97,105 @@ def last_observation(obs: Tensor, obs_dim: int) -> Tensor:
     if obs.dim() != 3 or obs.shape[-1] != obs_dim:
         raise ValueError(f"planner expects observations (B, n_obs_steps, {obs_dim}), got {tuple(obs.shape)}")
     return obs[:, -1]
+
+
+def planning_overrides(config: Any, overrides: dict[str, Any], allowed: tuple[str, ...]) -> Any:
+    """``config`` with the planning fields in ``overrides`` replaced (fields outside ``allowed`` are an error)."""
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"cannot override {unknown} at planning time; allowed: {list(allowed)}")
+    return dataclasses.replace(config, **overrides)
+
+
+class PlannerAgent:
+    """Plumbing shared by the planners: normalisers, Learners, the actor with EMA weights and the Policy,
+    plans in raw units, and state dicts.
+
+    Subclasses set ``kind``, ``actor_class`` (built as ``actor_class(config, obs_dim, act_dim, **actor_kwargs)``),
+    ``planning_fields`` and register one Learner per trained sub-module of ``self.nets`` with :meth:`_learn`.
+    ``return_normalizer`` maps the planner's return signal (value target or return condition) to raw returns.
+    """
+
+    kind: str
+    actor_class: type[nn.Module]
+    planning_fields: tuple[str, ...]
+
+    def __init__(self, config: Any, obs_dim: int, act_dim: int, obs_normalizer: Normalizer | None = None,
+                 action_normalizer: Normalizer | None = None, return_normalizer: Normalizer | None = None):
+        self.config, self.obs_dim, self.act_dim = config, obs_dim, act_dim
+        self.obs_normalizer = obs_normalizer or Normalizer.identity(obs_dim)
+        self.action_normalizer = action_normalizer or Normalizer.identity(act_dim)
+        self.return_normalizer = return_normalizer or Normalizer.identity()
+        self.nets = self.actor_class(config, obs_dim, act_dim)
+        self.learners: dict[str, Learner] = {}
+
+    def _learn(self, name: str, lr: float) -> Learner:
+        """Register a Learner (with the config's EMA and clipping) for the sub-module ``name`` of ``self.nets``."""
+        c = self.config
+        self.learners[name] = Learner(self.nets.get_submodule(name), lr=lr, ema_decay=c.ema_decay,
+                                      max_grad_norm=c.max_grad_norm)
+        return self.learners[name]
+
+    def sequences(self, dataset: OfflineDataset) -> SequenceDataset:
+        """Training windows of ``dataset``; their ``returns_to_go`` are this agent's return signal."""
+        c = self.config
+        return planner_sequences(dataset, c.horizon, c.discount, c.termination_penalty)
+
+    def _normalize_obs_and_actions(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        return (self.obs_normalizer.normalize(batch["observations"]),
+                self.action_normalizer.normalize(batch["actions"]))
+
+    # ------------------------------------------------------------------------------------------- acting
+    def _actor_kwargs(self, config: Any) -> dict[str, Any]:
+        """Extra constructor arguments of the actor for a (possibly overridden) config."""
+        return {}
+
+    def actor(self, **overrides: Any) -> nn.Module:
+        """A planner holding the EMA weights; ``overrides`` change the fields in ``planning_fields``."""
+        config = planning_overrides(self.config, overrides, self.planning_fields)
+        actor = self.actor_class(config, self.obs_dim, self.act_dim, **self._actor_kwargs(config))
+        for name, learner in self.learners.items():
+            actor.get_submodule(name).load_state_dict(learner.ema_module.state_dict())
+        return actor.eval()
+
+    def policy(self, seed: int | None = None, **overrides: Any) -> Policy:
+        """The controller-facing policy (receding horizon: plan, execute ``n_action_steps`` actions, replan)."""
+        actor = self.actor(**overrides)
+        return Policy(actor, self.obs_normalizer, self.action_normalizer, n_action_steps=actor.config.n_action_steps,
+                      seed=seed)
+
+    def plan(self, obs: np.ndarray | Tensor, generator: torch.Generator | None = None,
+             **overrides: Any) -> dict[str, np.ndarray | None]:
+        """Plans from raw states (B, obs_dim) or (obs_dim,), in raw units: ``states`` (B, H, obs_dim), ``actions``
+        and ``values`` (the plan's predicted or requested discounted return-to-go; None when there is none)."""
+        actor = self.actor(**overrides)
+        obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32).reshape(-1, self.obs_dim)
+        with torch.no_grad():
+            out = actor.plan(self.obs_normalizer.normalize(obs_t), generator)
+        values = out["values"]
+        return {"states": self.obs_normalizer.denormalize(out["states"]).numpy(),
+                "actions": self.action_normalizer.denormalize(out["actions"]).numpy(),
+                "values": None if values is None else self.return_normalizer.denormalize(values).numpy()}
+
+    # ------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "config": dataclasses.asdict(self.config), "obs_dim": self.obs_dim, "act_dim": self.act_dim,
+            "nets": self.nets.state_dict(),
+            "learners": {name: learner.state_dict() for name, learner in self.learners.items()},
+            "normalizers": {name: getattr(self, f"{name}_normalizer").state_dict()
+                            for name in ("obs", "action", "return")},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["obs_dim"], state["act_dim"]) != (self.obs_dim, self.act_dim):
+            raise ValueError(f"saved {self.kind} agent has obs_dim={state['obs_dim']}, act_dim={state['act_dim']}; "
+                             f"this one has {self.obs_dim}, {self.act_dim}")
+        if set(state["learners"]) != set(self.learners):
+            raise ValueError(f"saved {self.kind} agent trains {sorted(state['learners'])}, this one "
+                             f"{sorted(self.learners)}")
+        self.nets.load_state_dict(state["nets"])
+        for name, learner in self.learners.items():
+            learner.load_state_dict(state["learners"][name])
+        for name, norm in state["normalizers"].items():
+            setattr(self, f"{name}_normalizer", Normalizer.from_state_dict(norm))
