@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffrl.checkpoint import atomic_open, load_checkpoint, save_checkpoint
-from diffrl.distributed import all_gather_object, all_reduce_mean, broadcast_tensors, rank, world_size
+from diffrl.distributed import all_gather_object, all_reduce_mean, barrier, broadcast_tensors, rank, world_size
 from diffrl.seeding import derive_seed, get_rng_state, preserved_rng_state, seed_everything, set_rng_state
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -372,11 +372,16 @@ class Trainer:
             json.dump(self.evaluations, f, indent=1)
 
     def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoints/step_XXXXXXX.pt`` and point ``latest.pt`` at it (rank 0; every rank must call)."""
+        """Write ``checkpoints/step_XXXXXXX.pt`` and point ``latest.pt`` at it.
+
+        Every rank must call it (their RNG states are gathered into the file); rank 0 writes and returns the
+        path, the others return None once the file is complete.
+        """
         if self.checkpoint_dir is None:
             raise ValueError("cannot save a checkpoint: TrainConfig.run_dir is not set")
         rng_states = all_gather_object({"global": get_rng_state(), "batches": self.generator.get_state()})
         if not self.is_main:
+            barrier()
             return None
         payload = {
             "agent": self.agent.state_dict(),
@@ -393,6 +398,7 @@ class Trainer:
         old = sorted(self.checkpoint_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
         for stale in old[: -self.config.keep_checkpoints]:
             stale.unlink()
+        barrier()
         return path
 
     def _point_latest_to(self, path: Path) -> None:
