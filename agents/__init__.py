@@ -17,11 +17,3 @@ from agents.qgpo import QGPO, QGPOConfig  # noqa: E402
 AGENTS[DiffusionQL.kind] = (DiffusionQLConfig, DiffusionQL)
 AGENTS[QGPO.kind] = (QGPOConfig, QGPO)
 AGENTS[IDQL.kind] = (IDQLConfig, IDQL)
-
-from agents.diffusion_ql import DiffusionQL, DiffusionQLConfig  # noqa: E402
-from agents.idql import IDQL, IDQLConfig  # noqa: E402
-from agents.qgpo import QGPO, QGPOConfig  # noqa: E402
-
-AGENTS[DiffusionQL.kind] = (DiffusionQLConfig, DiffusionQL)
-AGENTS[QGPO.kind] = (QGPOConfig, QGPO)
-AGENTS[IDQL.kind] = (IDQLConfig, IDQL)
