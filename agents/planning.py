@@ -141,6 +141,10 @@ class PlannerAgent:
         c = self.config
         return planner_sequences(dataset, c.horizon, c.discount, c.termination_penalty)
 
+    def batch_sampler(self, dataset: OfflineDataset):
+        """``sample(batch_size, generator)`` of training windows, for ``diffrl.training.Trainer``."""
+        return self.sequences(dataset).sample
+
     def _normalize_obs_and_actions(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         return (self.obs_normalizer.normalize(batch["observations"]),
                 self.action_normalizer.normalize(batch["actions"]))
