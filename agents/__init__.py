@@ -18,6 +18,14 @@ AGENTS[DiffusionQL.kind] = (DiffusionQLConfig, DiffusionQL)
 AGENTS[QGPO.kind] = (QGPOConfig, QGPO)
 AGENTS[IDQL.kind] = (IDQLConfig, IDQL)
 
+from agents.baselines import GaussianBC, GaussianBCConfig  # noqa: E402
+from agents.diffusion_bc import DiffusionBC, DiffusionBCConfig  # noqa: E402
+from agents.diffusion_policy import DiffusionPolicy, DiffusionPolicyConfig  # noqa: E402
+
+AGENTS[DiffusionBC.kind] = (DiffusionBCConfig, DiffusionBC)
+AGENTS[DiffusionPolicy.kind] = (DiffusionPolicyConfig, DiffusionPolicy)
+AGENTS[GaussianBC.kind] = (GaussianBCConfig, GaussianBC)
+
 from agents.ddpo import DDPO, DDPOConfig  # noqa: E402
 
 AGENTS[DDPO.kind] = (DDPOConfig, DDPO)

@@ -154,6 +154,9 @@ class Policy:
         single = x.ndim == 1
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
         t = (t.view(-1, 1, self.obs_dim) - self._obs_mean) * self._obs_inv_std
+        if self.n_obs_steps == 1 and self.n_action_steps == 1:  # stateless: any batch size on every call
+            action = self._plan(t)[:, 0]
+            return action[0] if single else action
         batch = t.shape[0]
         if self._history is not None and self._history.shape[0] != batch:
             raise ValueError(f"batch size changed from {self._history.shape[0]} to {batch} without reset()")

@@ -1,0 +1,105 @@
+"""Gaussian MLP behaviour cloning: the unimodal baseline the diffusion policies are compared with.
+
+The actor maps the normalised state to the mean and (state-dependent, clamped) log-std of a diagonal Gaussian over
+the normalised action and is trained by maximum likelihood. Acting uses the mean (``deterministic=True``, the
+usual evaluation of BC) or a sample. Normalisation and the agent interface are DiffusionBC's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from agents.diffusion_bc import CloningAgent
+from agents.policy import register_actor
+
+
+@dataclass
+class GaussianBCConfig:
+    """An MLP of the same size as the diffusion actor (3x256), trained with the same optimiser settings."""
+
+    hidden: int = 256
+    depth: int = 3
+    min_log_std: float = -5.0
+    max_log_std: float = 2.0
+    deterministic: bool = True
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 1_000_000
+    max_grad_norm: float | None = None
+
+
+@register_actor("gaussian_mlp")
+class GaussianActor(nn.Module):
+    """``forward(obs (B, 1, obs_dim), generator) -> (B, 1, act_dim)``: the Gaussian's mean or a draw, in [-1, 1]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, depth: int = 3, min_log_std: float = -5.0,
+                 max_log_std: float = 2.0, deterministic: bool = True):
+        super().__init__()
+        self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.obs_dim, self.act_dim, self.deterministic = obs_dim, act_dim, deterministic
+        self.min_log_std, self.max_log_std = min_log_std, max_log_std
+        layers: list[nn.Module] = []
+        width = obs_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.Mish()]
+            width = hidden
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(hidden, 2 * act_dim)
+
+    def export_config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    def distribution(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, log_std) of the action given the newest normalised observation of (B, n_obs_steps, obs_dim)."""
+        if obs.dim() != 3 or obs.shape[-1] != self.obs_dim:
+            raise ValueError(f"actor input must have shape (B, n_obs_steps, {self.obs_dim}), got {tuple(obs.shape)}")
+        mean, log_std = self.head(self.body(obs[:, -1])).chunk(2, dim=-1)
+        return mean, log_std.clamp(self.min_log_std, self.max_log_std)
+
+    def log_prob(self, obs: Tensor, actions: Tensor) -> Tensor:
+        """Log-density (B,) of normalised ``actions`` (B, act_dim)."""
+        mean, log_std = self.distribution(obs)
+        z = (actions - mean) * torch.exp(-log_std)
+        return (-0.5 * z * z - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def forward(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        mean, log_std = self.distribution(obs)
+        if not self.deterministic:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            mean = mean + log_std.exp() * noise
+        return mean.clamp(-1.0, 1.0).unsqueeze(1)
+
+
+class GaussianBC(CloningAgent):
+    """Maximum-likelihood Gaussian behaviour cloning; ``update`` takes one NLL step on a transition batch."""
+
+    kind = "gaussian_bc"
+
+    def __init__(self, config: GaussianBCConfig, obs_dim: int, act_dim: int, obs_normalizer: Any = None,
+                 action_normalizer: Any = None):
+        super().__init__(config, obs_dim, act_dim, obs_normalizer, action_normalizer)
+        c = config
+        self.actor = GaussianActor(self.obs_dim, self.act_dim, c.hidden, c.depth, c.min_log_std, c.max_log_std,
+                                   c.deterministic)
+        self.learner = self.make_learner(self.actor, ema=False)
+
+    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        actions, obs = self.prepare(batch)
+        loss = -self.actor.log_prob(obs, actions).mean()
+        return {"loss": loss.item(), **self.learner.step(loss)}
+
+    def policy_actor(self, deterministic: bool | None = None) -> GaussianActor:
+        """A copy of the actor; ``deterministic`` overrides acting with the mean."""
+        config = self.actor.export_config()
+        if deterministic is not None:
+            config["deterministic"] = deterministic
+        actor = GaussianActor(**config)
+        actor.load_state_dict(self.actor.state_dict())
+        return actor
