@@ -94,6 +94,7 @@ class DDPOConfig:
     eta: float = 1.0
     guidance_weight: float = 5.0  # classifier-free guidance weight for conditional models (1 = none)
     classes: tuple[int, ...] = ()  # prompt classes sampled uniformly; () = all classes of the model
+    null_prompt: bool = False  # sample a class-conditional model with its null class only (unconditional, no CFG)
     lr: float = 3e-4
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
@@ -102,6 +103,10 @@ class DDPOConfig:
     inner_epochs: int = 1
     minibatch_size: int = 64  # (sample, timestep) pairs per gradient step (IS) / per accumulation chunk (SF)
     timestep_fraction: float = 1.0  # share of each chain's steps trained on
+    # The step into t_min adds noise of std ~sigma(t_min), far below the data's resolution (0.006 on a 1000-step
+    # cosine chain): its score-function term is noise of size 1 / std that swamps the other steps' signal, so by
+    # default it is sampled but neither trained on nor counted in the drift.
+    train_last_step: bool = False
     stat_buffer_size: int = 16
     stat_min_count: int = 16
     lora_rank: int = 0  # 0: train the whole denoiser; > 0: train LoRA adapters of this rank only
@@ -112,8 +117,8 @@ class DDPOConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"DDPOConfig.method must be one of {METHODS}, got {self.method!r}")
-        if self.sample_steps < 2:
-            raise ValueError(f"DDPOConfig.sample_steps must be >= 2 (one stochastic step), got {self.sample_steps}")
+        if self.sample_steps < (2 if self.train_last_step else 3):
+            raise ValueError(f"DDPOConfig.sample_steps={self.sample_steps} leaves no stochastic step to train on")
         if not 0.0 < self.eta <= 1.0:
             raise ValueError(f"DDPOConfig.eta must lie in (0, 1] (log-probabilities need noise), got {self.eta}")
         if not 0.0 < self.timestep_fraction <= 1.0:
@@ -129,7 +134,8 @@ class DDPO:
     """Fine-tunes ``model`` (a :class:`DiffusionModel`) to maximise ``reward_fn(images, classes) -> (B,)``.
 
     ``num_classes > 0`` means the denoiser takes class ids (LongTensor (B,)) and ``None`` for the null class;
-    sampling then uses classifier-free guidance and the log-probabilities are those of the guided steps.
+    sampling then uses classifier-free guidance and the log-probabilities are those of the guided steps, and
+    ``reward_fn`` receives the prompt classes (``None`` for unconditional sampling).
     The denoiser is kept in eval mode (no condition dropout): the sampled and the trained policy must agree.
     """
 
@@ -151,7 +157,7 @@ class DDPO:
         self.learner = Learner(params, lr=config.lr, weight_decay=config.weight_decay,
                                max_grad_norm=config.max_grad_norm)
         self.solver = DDIM(eta=config.eta)
-        self.guidance = ClassifierFree(config.guidance_weight) if num_classes > 0 else Guidance()
+        self.guidance = ClassifierFree(config.guidance_weight) if self.conditional else Guidance()
         self.tracker = PerClassStatTracker(config.stat_buffer_size, config.stat_min_count)
         self.generator = torch.Generator().manual_seed(config.seed)
 
@@ -163,7 +169,8 @@ class DDPO:
 
     @property
     def conditional(self) -> bool:
-        return self.num_classes > 0
+        """Whether samples are prompted with class ids (False: unconditional model, or ``null_prompt``)."""
+        return self.num_classes > 0 and not self.config.null_prompt
 
     def condition(self, labels: Tensor) -> Tensor | None:
         return labels if self.conditional else None
@@ -191,7 +198,8 @@ class DDPO:
         """Sample ``batch_size`` chains, score them and compute advantages: the batch for :meth:`update`.
 
         Keys: ``latents`` (B, K + 1, *image_shape) with x_T first, ``log_probs`` (B, K), ``labels``, ``images``,
-        ``rewards``, ``advantages`` and ``drift`` (per-chain log p_theta - log p_start, first ``drift_samples``).
+        ``rewards``, ``advantages`` and ``drift`` (for the first ``drift_samples`` chains, the sum over the trained
+        steps of log p_theta - log p_start).
         """
         labels = self.sample_labels(batch_size, generator)
         x_T = self.model.schedule.prior((batch_size, *self.image_shape), generator=generator).to(self._device())
@@ -207,9 +215,14 @@ class DDPO:
                  "rewards": rewards, "advantages": self.tracker.update(labels.cpu(), rewards.cpu()).to(x_T.device)}
         n = min(self.config.drift_samples, batch_size)
         if n > 0:
-            ref_lp = self._log_probs(self.reference, latents[:n], labels[:n])
-            batch["drift"] = (traj.log_probs[:n] - ref_lp).sum(1)
+            trained = self.trained_steps(traj.log_probs.shape[1]) + 1
+            ref_lp = self._log_probs(self.reference, latents[:n, :trained], labels[:n])
+            batch["drift"] = (traj.log_probs[:n, :trained - 1] - ref_lp).sum(1)
         return batch
+
+    def trained_steps(self, steps: int) -> int:
+        """How many of a chain's ``steps`` stochastic steps (the first ones) are trained on."""
+        return steps if self.config.train_last_step else steps - 1
 
     def _grid(self) -> Tensor:
         return self.solver.timesteps(self.model, self.config.sample_steps)
@@ -229,7 +242,8 @@ class DDPO:
         return flat.reshape(len(latents), steps)
 
     def _pairs(self, batch_size: int, steps: int) -> tuple[Tensor, Tensor]:
-        """(sample, step) index pairs trained on: all steps, or a random ``timestep_fraction`` of each chain."""
+        """(sample, step) index pairs trained on: all trained steps, or a random ``timestep_fraction`` of them."""
+        steps = self.trained_steps(steps)
         per_chain = max(1, round(self.config.timestep_fraction * steps))
         ks = torch.rand(batch_size, steps, generator=self.generator).argsort(1)[:, :per_chain]
         return torch.arange(batch_size).repeat_interleave(per_chain), ks.reshape(-1)

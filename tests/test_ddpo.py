@@ -150,7 +150,7 @@ def test_update_raises_log_prob_of_high_advantage_chains(method):
     agent = tiny_agent(method, lr=1e-5, clip_range=0.2, stat_min_count=100)
     batch = agent.collect(8, torch.Generator().manual_seed(2))
     metrics = agent.update(batch)
-    assert metrics["num_updates"] == (1 if method == "sf" else 3)  # 8 chains x 3 steps / minibatch 8
+    assert metrics["num_updates"] == (1 if method == "sf" else 2)  # 8 chains x 2 trained steps / minibatch 8
     assert _advantage_weighted_change(agent, batch) > 0
     with torch.no_grad():
         new = agent._log_probs(agent.model, batch["latents"], batch["labels"]).sum(1)
@@ -173,6 +173,18 @@ def test_lora_agent_trains_adapters_only_and_round_trips():
     g = torch.Generator().manual_seed(6)
     labels = torch.tensor([0, 1])
     torch.testing.assert_close(clone.sample(labels, torch.Generator().manual_seed(6)), agent.sample(labels, g))
+
+
+@pytest.mark.parametrize(("train_last_step", "fraction", "expected"), [(False, 1.0, {0, 1}), (True, 1.0, {0, 1, 2}),
+                                                                       (True, 0.34, None)])
+def test_trained_steps(train_last_step, fraction, expected):
+    agent = tiny_agent(train_last_step=train_last_step, timestep_fraction=fraction)
+    i, k = agent._pairs(5, 3)
+    if expected is None:  # one random step per chain
+        assert i.tolist() == [0, 1, 2, 3, 4] and k.max() <= 2
+    else:
+        assert set(k.tolist()) == expected and len(i) == 5 * len(expected)
+        assert all((k[i == n].sort().values == torch.tensor(sorted(expected))).all() for n in range(5))
 
 
 def test_config_validation_and_evaluator(tmp_path):
@@ -219,4 +231,4 @@ def test_diffusers_unet_through_the_adapter():
         torch.testing.assert_close(agent._log_probs(agent.model, batch["latents"], batch["labels"]),
                                    batch["log_probs"], rtol=1e-5, atol=1e-2)
     metrics = agent.update(batch)
-    assert metrics["num_updates"] == 2 and all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    assert metrics["num_updates"] == 1 and all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
