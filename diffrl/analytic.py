@@ -51,6 +51,19 @@ class GaussianMixture:
         comp_x0 = self.means[None] + (a[:, None] * self.stds[None] ** 2 / var) * diff
         return (resp[..., None] * comp_x0).sum(1).to(x_t.dtype)
 
+    def projected_quantiles(self, theta: Tensor, levels: Tensor, iters: int = 60) -> Tensor:
+        """Quantiles (len(levels), P) of the mixture projected on the unit columns of ``theta`` (D, P), by bisection."""
+        mu = self.means @ theta  # (K, P)
+        sd = (self.stds**2 @ theta**2).sqrt()
+        lo = (mu - 10 * sd).min(0).values.expand(len(levels), -1).clone()
+        hi = (mu + 10 * sd).max(0).values.expand(len(levels), -1).clone()
+        w = self.weights[:, None, None]
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            below = (w * torch.special.ndtr((mid[None] - mu[:, None]) / sd[:, None])).sum(0) < levels[:, None]
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return 0.5 * (lo + hi)
+
 
 class ExactDenoiser(nn.Module):
     """A 'network' that outputs the exact eps of a Gaussian mixture under ``schedule`` (use prediction='eps')."""
@@ -65,3 +78,21 @@ class ExactDenoiser(nn.Module):
         a, s = expand_like(self.schedule.alpha(t), x_t), expand_like(self.schedule.sigma(t), x_t)
         x0 = self.mixture.posterior_x0(x_t, a, s)
         return (x_t - a * x0) / s
+
+
+def sliced_wasserstein(x: Tensor, target: Tensor | GaussianMixture, projections: int = 64, levels: int = 1000,
+                       seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance from samples ``x`` (N, D) to samples or to an exact mixture.
+
+    Each 1-D distance is the root mean square gap between quantile functions at ``levels`` evenly spaced levels;
+    the ``projections`` directions are drawn from ``seed``, so distances of different samples are comparable.
+    """
+    theta = torch.randn(x.shape[1], projections, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    theta = theta / theta.norm(dim=0)
+    lev = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
+
+    def sample_quantiles(y: Tensor) -> Tensor:
+        return (y.double() @ theta).sort(0).values[(lev * len(y)).long()]
+
+    q = target.projected_quantiles(theta, lev) if isinstance(target, GaussianMixture) else sample_quantiles(target)
+    return float(((sample_quantiles(x) - q) ** 2).mean().sqrt())
