@@ -19,6 +19,7 @@ from typing import Any
 
 from diffrl import __version__
 from diffrl.config import apply_overrides, config_from_dict, config_to_dict, suggest
+from diffrl.seeding import seed_everything
 from diffrl.training import TrainConfig, Trainer
 
 RUN_CONFIG = "config.json"
@@ -96,13 +97,14 @@ def _evaluator(dataset, episodes: int, seed: int):
         return None
 
     def run(agent, step: int) -> dict:
-        return evaluate(agent.policy(), dataset, episodes=episodes, seed=seed + 10_000).to_dict()
+        result = evaluate(agent.policy(), dataset, episodes=episodes, seed=seed + 10_000).to_dict()
+        return {k: v for k, v in result.items() if isinstance(v, int | float)}
 
     return run
 
 
 def cmd_train(args) -> None:
-    from diffrl.distributed import init_distributed, is_main_process
+    from diffrl.distributed import all_gather_object, cleanup, init_distributed, is_main_process
     from envs import load_dataset
 
     if "WORLD_SIZE" in os.environ:
@@ -110,37 +112,41 @@ def cmd_train(args) -> None:
     if args.resume:
         run_dir = Path(args.resume)
         spec = RunSpec.load(run_dir)
+        if args.steps is not None:  # extend (or shorten) the run
+            spec.train["steps"] = args.steps
+            if is_main_process():
+                spec.save(run_dir)
         config_cls, _ = resolve_agent(spec.agent)
         agent_config = config_from_dict(config_cls, spec.agent_config)
-        train_config = config_from_dict(TrainConfig, {**spec.train, "run_dir": str(run_dir)})
+        dataset = load_dataset(spec.dataset)
     else:
         if not args.agent or not args.dataset:
             raise SystemExit("diffrl train needs AGENT and --dataset (or --resume RUN_DIR)")
         config_cls, _ = resolve_agent(args.agent)
         agent_config = apply_overrides(config_cls(), args.overrides)
-        train_overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
-                                             ("seed", args.seed), ("eval_every", args.eval_every),
-                                             ("checkpoint_every", args.checkpoint_every),
-                                             ("log_every", args.log_every)) if v is not None}
-        train_config = TrainConfig(**{**config_to_dict(TrainConfig()), **train_overrides, "run_dir": None})
-        spec = RunSpec(args.agent.replace("-", "_"), args.dataset, config_to_dict(agent_config), {}, args.eval_episodes)
-    dataset = load_dataset(spec.dataset)
-    if not args.resume:
-        run_dir = _new_run_dir(args, spec.agent, dataset.name) if is_main_process() else None
-        train_config = config_from_dict(TrainConfig, {**config_to_dict(train_config),
-                                                      "run_dir": str(run_dir) if run_dir else None})
-        if not train_config.checkpoint_every:
-            train_config = config_from_dict(TrainConfig, {**config_to_dict(train_config),
-                                                          "checkpoint_every": max(1, train_config.steps // 5)})
-        spec.train = {k: v for k, v in config_to_dict(train_config).items() if k != "run_dir"}
-        if run_dir is not None:
+        dataset = load_dataset(args.dataset)
+        train = config_to_dict(TrainConfig())
+        train.update({k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed),
+                                        ("eval_every", args.eval_every), ("log_every", args.log_every),
+                                        ("checkpoint_every", args.checkpoint_every)) if v is not None})
+        train["checkpoint_every"] = train["checkpoint_every"] or max(1, train["steps"] // 5)
+        del train["run_dir"]
+        spec = RunSpec(args.agent.replace("-", "_"), args.dataset, config_to_dict(agent_config), train,
+                       args.eval_episodes)
+        run_dir = None
+        if is_main_process():
+            run_dir = _new_run_dir(args, spec.agent, dataset.name)
             spec.save(run_dir)
+        run_dir = Path(all_gather_object(str(run_dir))[0])  # every process follows rank 0's folder
+    train_config = config_from_dict(TrainConfig, {**spec.train, "run_dir": str(run_dir)})
+    seed_everything(train_config.seed)  # the agent's initial weights follow the run's seed
     agent = build_agent(spec.agent, agent_config, dataset)
     trainer = Trainer(agent, batch_sampler(agent, dataset), train_config,
                       evaluate=_evaluator(dataset, spec.eval_episodes, train_config.seed))
     trainer.fit(resume=bool(args.resume))
     if is_main_process():
-        _finish_run(agent, dataset, Path(train_config.run_dir), spec)
+        _finish_run(agent, dataset, run_dir, spec)
+    cleanup()
 
 
 def _finish_run(agent, dataset, run_dir: Path, spec: RunSpec) -> None:
@@ -212,14 +218,17 @@ def cmd_bench(args) -> None:
 def cmd_list(args) -> None:
     from diffrl.schedules import SCHEDULES
     from diffrl.solvers import SOLVERS
-    from envs.datasets import list_datasets
+    from envs import d4rl, minari_io, toy
 
     print("agents:    " + ", ".join(sorted(_agents())))
     print("solvers:   " + ", ".join(sorted(SOLVERS)))
     print("schedules: " + ", ".join(sorted(SCHEDULES)))
     print("datasets:")
-    for name in list_datasets():
-        print(f"  {name}")
+    print("  toy:       " + ", ".join(toy.known_names()))
+    print("  minari:    " + (", ".join(minari_io.local_dataset_ids()) or "(none in local storage)"))
+    print(f"  d4rl:      {len(d4rl.known_names())} names such as hopper-medium-v2, read from "
+          + " or ".join(str(d) for d in d4rl.d4rl_dirs()))
+    print("  any D4RL-layout .hdf5 file by path")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("agent", nargs="?", help="agent kind (see `diffrl list`); then any field=value overrides")
     train.add_argument("--dataset", help="D4RL name or .hdf5 path, Minari id, or toy:<name>")
     train.add_argument("--steps", type=int)
-    train.add_argument("--batch-size", type=int)
+    train.add_argument("--batch-size", type=int, help="batch size per process")
     train.add_argument("--seed", type=int)
     train.add_argument("--eval-every", type=int)
     train.add_argument("--eval-episodes", type=int, default=10)
@@ -242,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="run folder (default: runs/<agent>-<dataset>-<time>)")
     train.add_argument("--runs-root", default="runs")
     train.add_argument("--overwrite", action="store_true", help="reuse a non-empty --run-dir")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly from its latest checkpoint")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a run exactly from its latest checkpoint (--steps sets a new total)")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate saved policies (run folders or policy files)")

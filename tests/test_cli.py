@@ -1,0 +1,101 @@
+"""The diffrl command end to end on the embedded toy dataset, with tiny budgets."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffrl.checkpoint import load_checkpoint
+from diffrl.cli import main
+
+TINY = ["hidden=32", "ema_start=0"]
+
+
+def train(run_dir: Path, steps: int, *extra: str) -> None:
+    main(["train", "diffusion_bc", "--dataset", "toy:pointnav", "--steps", str(steps), "--batch-size", "64",
+          "--eval-every", "0", "--eval-episodes", "2", "--log-every", "10", "--run-dir", str(run_dir), *TINY, *extra])
+
+
+def policy_tensors(run_dir: Path) -> dict:
+    payload = load_checkpoint(run_dir / "policy.pt")
+    flat = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(obj, torch.Tensor):
+            flat[prefix] = obj
+
+    walk("", payload)
+    return flat
+
+
+def test_list_shows_agents_solvers_and_datasets(capsys):
+    main(["list"])
+    out = capsys.readouterr().out
+    for name in ("diffusion_ql", "qgpo", "diffuser", "dpm-solver++", "vp-sde", "toy:", "pointnav"):
+        assert name in out
+
+
+def test_unknown_agent_and_field_suggest_close_names(tmp_path):
+    with pytest.raises(SystemExit, match="diffusion_ql"):
+        main(["train", "diffusion_qll", "--dataset", "toy:pointnav"])
+    with pytest.raises(SystemExit, match="hidden"):
+        main(["train", "diffusion_bc", "--dataset", "toy:pointnav", "--run-dir", str(tmp_path / "r"), "hiden=3"])
+    with pytest.raises(SystemExit, match="pointnav"):
+        main(["train", "diffusion_bc", "--dataset", "toy:pointnvm", "--run-dir", str(tmp_path / "r2")])
+
+
+def test_train_writes_run_folder_and_never_overwrites(tmp_path):
+    run = tmp_path / "run"
+    train(run, 40, "--eval-every", "20")
+    for name in ("config.json", "eval.csv", "eval.json", "final_eval.json", "policy.pt", "learning_curve.png"):
+        assert (run / name).is_file(), name
+    assert any((run / "tb").iterdir())
+    config = json.loads((run / "config.json").read_text())
+    assert config["agent"] == "diffusion_bc" and config["agent_config"]["hidden"] == 32
+    assert config["train"]["steps"] == 40
+    with pytest.raises(SystemExit, match="already exists"):
+        train(run, 40)
+
+
+def test_resume_continues_exactly(tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(full, 60)
+    train(split, 30)
+    main(["train", "--resume", str(split), "--steps", "60"])
+    a, b = policy_tensors(full), policy_tensors(split)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_eval_command_on_run_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(run, 20)
+    capsys.readouterr()
+    out_file = tmp_path / "eval.json"
+    main(["eval", str(run), "--episodes", "2", "--seeds", "0,1", "--output", str(out_file)])
+    results = json.loads(out_file.read_text())
+    assert [r["seed"] for r in results] == [0, 1]
+    assert all(len(r["returns"]) == 2 for r in results)
+    again = json.loads(capsys.readouterr().out)
+    assert again == results  # deterministic by seed
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "diffrl",
+           "train", "diffusion_bc", "--dataset", "toy:pointnav", "--steps", "20", "--batch-size", "32",
+           "--eval-episodes", "0", "--run-dir", str(run), *TINY]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "policy.pt").is_file()
+    assert len(list((run / "tb").iterdir())) == 1  # only rank 0 logs
