@@ -58,3 +58,15 @@ def test_bandit_resampling_prefers_high_reward_actions():
     train(agent, dataset, 400, batch_size=256)
     behaviour = mean_reward(agent.policy(seed=0, n_candidates=1))
     assert mean_reward(agent.policy(seed=0, weighting="softmax", temperature=20.0)) > behaviour + 0.2
+
+
+@pytest.mark.parametrize("kind", ["idql", "qgpo", "diffusion_ql"])
+def test_one_command_training_writes_checkpoints_and_policy(kind, tmp_path, capsys):
+    from agents.policy import load_policy
+    from diffrl.cli import main
+
+    run_dir = tmp_path / kind
+    main(["train", kind, "--dataset", "toy:bandit-8gaussians", "--steps", "4", "--log-every", "2",
+          "--eval-episodes", "0", "--run-dir", str(run_dir), "hidden=16", "critic_hidden=16", "depth=2"])
+    assert (run_dir / "checkpoints" / "latest.pt").is_file() and any((run_dir / "tb").iterdir())
+    assert load_policy(run_dir / "policy.pt").act(torch.zeros(1).numpy()).shape == (2,)

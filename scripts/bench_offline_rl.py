@@ -1,0 +1,178 @@
+"""Offline RL at a fixed gradient-step budget: Diffusion-QL, QGPO and IDQL against DiffusionBC and d3rlpy's IQL and
+TD3+BC, on the D4RL-layout datasets in /work/shared/datasets, all in the same run.
+
+Prints one table of D4RL-normalised scores (mean and standard error over seeds, last evaluation), the training
+throughput (gradient steps per second, evaluation excluded) per agent, and saves learning curves to
+``results/offline_rl_curves.png`` and all numbers to ``results/offline_rl.json``. The d3rlpy columns run in their own
+virtual environment (``--d3rlpy-python``, default /work/d3rlpy-venv) through scripts/d3rlpy_runner.py; they are
+skipped with a message when it is absent.
+
+    # full comparison (hours on 2 CPU cores)
+    OMP_NUM_THREADS=1 python scripts/bench_offline_rl.py --steps 20000 --seeds 0 1 2
+    # small end-to-end check
+    OMP_NUM_THREADS=1 python scripts/bench_offline_rl.py --datasets hopper-medium --seeds 0 --steps 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_offline_rl import make_config, train  # noqa: E402
+
+from agents import AGENTS  # noqa: E402
+from envs import load_dataset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+DATA_DIR = Path("/work/shared/datasets")
+DATASETS = ("hopper-medium", "hopper-medium-replay", "halfcheetah-medium", "halfcheetah-medium-replay")
+OURS = ("diffusion_ql", "qgpo", "idql", "diffusion_bc")
+D3RLPY = ("iql", "td3bc")
+D3RLPY_LABEL = {"iql": "d3rlpy IQL", "td3bc": "d3rlpy TD3+BC"}
+
+
+def bench_overrides(kind: str, dataset, steps: int) -> dict:
+    """Settings changed from the paper defaults so that a CPU budget is meaningful (printed with the results).
+
+    QGPO: 8 support actions drawn with 5 DPM-Solver steps (paper: 16 with 15) and the first quarter of the budget
+    for the behaviour model alone. IDQL: IQL's reward scaling 1000 / (max - min episode return).
+    """
+    if kind == "qgpo":
+        return {"n_support": 8, "support_steps": 5, "behavior_warmup_steps": steps // 4}
+    if kind == "idql":
+        returns = dataset.episode_returns()
+        return {"reward_scale": float(1000.0 / max(returns.max() - returns.min(), 1e-6))}
+    return {}
+
+
+def run_ours(kind: str, dataset, args, seed: int) -> dict:
+    config = make_config(kind, bench_overrides(kind, dataset, args.steps), steps=args.steps)
+    result = train(kind, dataset, config, steps=args.steps, seed=seed, eval_every=args.eval_every or args.steps,
+                   eval_episodes=args.eval_episodes, log_every=max(1, args.steps // 10))
+    curve = [{"step": e["step"], "normalized": e["normalized"]} for e in result.evaluations]
+    return {"curve": curve, "steps_per_sec": result.steps_per_sec, "config": dataclasses.asdict(config)}
+
+
+def run_d3rlpy(algo: str, path: Path, args, seed: int) -> dict:
+    cmd = [args.d3rlpy_python, str(ROOT / "scripts" / "d3rlpy_runner.py"), "--algo", algo, "--dataset", str(path),
+           "--steps", str(args.steps), "--eval-every", str(args.eval_every or args.steps),
+           "--eval-episodes", str(args.eval_episodes), "--seed", str(seed)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"d3rlpy {algo} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    out = json.loads(lines[-1])
+    return {"curve": [{"step": e["step"], "normalized": e["normalized"]} for e in out["evaluations"]],
+            "steps_per_sec": out["steps_per_sec"]}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    x = np.asarray(values, dtype=np.float64)
+    return float(x.mean()), (float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0)
+
+
+def print_tables(results: dict, labels: dict[str, str], datasets: list[str]) -> None:
+    width = max(len(v) for v in labels.values()) + 2
+    print("\nD4RL-normalised score at the end of the budget (mean ± standard error over seeds)")
+    print(f"{'agent':<{width}}" + "".join(f"{d:>28}" for d in datasets))
+    for key, label in labels.items():
+        cells = []
+        for d in datasets:
+            runs = results.get(d, {}).get(key)
+            if not runs:
+                cells.append(f"{'-':>28}")
+                continue
+            m, se = mean_se([r["curve"][-1]["normalized"] for r in runs])
+            cells.append(f"{f'{m:.1f} ± {se:.1f}':>28}")
+        print(f"{label:<{width}}" + "".join(cells))
+    print("\nTraining throughput (gradient steps / s, batch 256, 1 thread, evaluation excluded; mean over runs)")
+    for key, label in labels.items():
+        rates = [r["steps_per_sec"] for d in datasets for r in results.get(d, {}).get(key, [])]
+        if rates:
+            print(f"{label:<{width}}{np.mean(rates):10.1f}")
+
+
+def plot_curves(results: dict, labels: dict[str, str], datasets: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), squeeze=False)
+    for ax, d in zip(axes[0], datasets, strict=True):
+        for key, label in labels.items():
+            runs = results.get(d, {}).get(key)
+            if not runs:
+                continue
+            steps = [p["step"] for p in runs[0]["curve"]]
+            scores = np.array([[p["normalized"] for p in r["curve"]] for r in runs])
+            mean = scores.mean(0)
+            se = scores.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
+            ax.plot(steps, mean, marker="o", label=label)
+            ax.fill_between(steps, mean - se, mean + se, alpha=0.2)
+        ax.set(title=d, xlabel="gradient steps", ylabel="normalised score")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    parser.add_argument("--agents", nargs="+", default=list(OURS) + list(D3RLPY),
+                        help=f"any of {', '.join(OURS + D3RLPY)} (iql / td3bc are d3rlpy's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=20_000, help="gradient-step budget of every agent")
+    parser.add_argument("--eval-every", type=int, default=0, help="evaluation period (default: only at the end)")
+    parser.add_argument("--eval-episodes", type=int, default=5)
+    parser.add_argument("--d3rlpy-python", default="/work/d3rlpy-venv/bin/python")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    unknown = set(args.agents) - set(OURS) - set(D3RLPY)
+    if unknown:
+        raise SystemExit(f"unknown agents {sorted(unknown)}; choose from {', '.join(OURS + D3RLPY)}")
+    agents = [a for a in args.agents if a in D3RLPY or a in AGENTS]
+    for missing in sorted(set(args.agents) - set(agents)):
+        print(f"skipping {missing}: not registered in agents.AGENTS")
+    if any(a in D3RLPY for a in agents) and not Path(args.d3rlpy_python).exists():
+        print(f"skipping d3rlpy IQL / TD3+BC: no interpreter at {args.d3rlpy_python} (create the venv with "
+              "`python -m venv /work/d3rlpy-venv && /work/d3rlpy-venv/bin/pip install torch==2.13.0 d3rlpy h5py "
+              "'gymnasium[mujoco]==1.0.0'`)")
+        agents = [a for a in agents if a not in D3RLPY]
+    labels = {a: D3RLPY_LABEL.get(a, a) for a in agents}
+    print(f"budget: {args.steps} gradient steps per agent (batch 256), seeds {args.seeds}, "
+          f"{args.eval_episodes} evaluation episodes every {args.eval_every or args.steps} steps")
+    results: dict[str, dict[str, list[dict]]] = {}
+    for name in args.datasets:
+        path = DATA_DIR / f"{name}.hdf5"
+        dataset = load_dataset(path)
+        for kind in agents:
+            for seed in args.seeds:
+                run = run_d3rlpy(kind, path, args, seed) if kind in D3RLPY else run_ours(kind, dataset, args, seed)
+                results.setdefault(name, {}).setdefault(kind, []).append(run)
+                print(f"{name:>26} {labels[kind]:>14} seed {seed}: normalised {run['curve'][-1]['normalized']:7.2f}"
+                      f"  ({run['steps_per_sec']:.1f} steps/s)", flush=True)
+    print_tables(results, labels, args.datasets)
+    plot_curves(results, labels, args.datasets, args.out / "offline_rl_curves.png")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    (args.out / "offline_rl.json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+    print(f"\ncurves: {args.out / 'offline_rl_curves.png'}; numbers: {args.out / 'offline_rl.json'}")
+
+
+if __name__ == "__main__":
+    main()
