@@ -39,7 +39,7 @@ POINTNAV_GOAL = "goal=0.8,0.0"
 
 #: Budgets: training steps/batch, network, evaluation episodes and step cap, candidate plans.
 BUDGETS = {
-    "tiny": {"nav_steps": 1000, "steps": 400, "batch": 32, "dims": "16,32,64", "horizon": 16, "episodes": 2,
+    "tiny": {"nav_steps": 1000, "steps": 1000, "batch": 32, "dims": "16,32,64", "horizon": 16, "episodes": 2,
              "max_steps": 60, "nav_episodes": 10, "candidates": 4},
     "small": {"nav_steps": 2000, "steps": 5000, "batch": 64, "dims": "32,64,128", "horizon": 32, "episodes": 5,
               "max_steps": 300, "nav_episodes": 20, "candidates": 16},
