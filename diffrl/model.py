@@ -63,8 +63,8 @@ class DiffusionModel(nn.Module):
         """
         solver = make_solver(solver or "dpm-solver++")
         param = next(self.parameters(), None)
-        device = param.device if param is not None else None
+        device, dtype = (param.device, param.dtype) if param is not None else (None, None)
         if x_T is None:
-            x_T = self.schedule.prior(tuple(shape), generator=generator, device=device)
+            x_T = self.schedule.prior(tuple(shape), generator=generator, device=device, dtype=dtype)
         return solver.sample(self, x_T, cond, steps=steps, guidance=as_guidance(guidance), generator=generator,
                              grad=grad)

@@ -49,8 +49,8 @@ class NoiseSchedule(ABC):
         return 1.0
 
     def prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
-              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Draw x at ``t_max`` from the prior N(0, prior_std^2 I)."""
+              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """Draw x at ``t_max`` from the prior N(0, prior_std^2 I) (``dtype`` defaults to torch's default)."""
         noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         return noise * self.prior_std()
 
