@@ -10,6 +10,7 @@ the action bounds, checkpoint files and TorchScript export.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -218,14 +219,13 @@ class Policy:
         """
         module = _Exported(self).eval()
         example = torch.zeros(batch_size, self.n_obs_steps, self.obs_dim, device=self.device)
-        import warnings
-
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit still serves plain torch.jit.load users
             traced = torch.jit.trace(module, (example,), check_trace=False)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.jit.save(traced, str(path))
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.jit.save(traced, str(path))
         return path
 
 

@@ -128,9 +128,9 @@ def run_hopper(args) -> None:
         for name in AGENTS:
             agent, t = train(name, dataset, args.steps, args.batch_size, seed)
             result = evaluate(agent.policy(seed=seed), dataset, episodes=args.episodes, seed=1000 * seed)
-            scores[name].append(100.0 * result.normalized_mean)
+            scores[name].append(result.normalized_mean)
             seconds[name].append(t)
-            print(f"seed {seed} {name}: normalised score {100.0 * result.normalized_mean:.1f} (train {t:.0f} s)",
+            print(f"seed {seed} {name}: normalised score {result.normalized_mean:.1f} (train {t:.0f} s)",
                   flush=True)
     print(f"\n{dataset.name}: {args.steps} gradient steps at batch {args.batch_size}, {len(args.seeds)} seeds, "
           f"{args.episodes} evaluation episodes per seed")

@@ -1,0 +1,159 @@
+"""Policy: shapes, seeding, the action queue, bad input, checkpoint round trips and TorchScript export."""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from agents.diffusion_actor import DiffusionActor
+from agents.policy import Policy, load_policy
+from diffrl.checkpoint import CheckpointError, save_checkpoint
+
+OBS, ACT = 3, 2
+
+
+def actor(n_obs_steps=1, horizon=1, solver="ddpm", net="mlp", **kw):
+    net_kwargs = {"mlp": {"hidden": 32, "depth": 2}, "unet1d": {"dims": (8, 16), "time_dim": 8}}[net]
+    torch.manual_seed(0)
+    return DiffusionActor(OBS, ACT, n_obs_steps=n_obs_steps, horizon=horizon, action_start=n_obs_steps - 1,
+                          net=net, net_kwargs=net_kwargs, solver=solver, steps=4, **kw)
+
+
+def policy(seed=0, **kw):
+    settings = {k: kw.pop(k) for k in ("n_obs_steps", "n_action_steps") if k in kw}
+    norm = SimpleNamespace(mean=torch.tensor([1.0, -2.0, 0.5]), std=torch.tensor([2.0, 1.0, 0.5]))
+    act_norm = SimpleNamespace(mean=torch.tensor([0.5, -0.5]), std=torch.tensor([2.0, 0.1]))
+    return Policy(actor(n_obs_steps=settings.get("n_obs_steps", 1), **kw), norm, act_norm, seed=seed, **settings)
+
+
+def test_single_and_batched_shapes_and_bounds():
+    p = policy()
+    a = p.act(np.zeros(OBS))
+    assert a.shape == (ACT,) and a.dtype == np.float32
+    b = p.act(np.zeros((5, OBS)))
+    assert b.shape == (5, ACT)
+    # clip_x0 = 1 keeps normalised actions in [-1, 1]: raw actions lie in mean +- std
+    assert np.all(np.abs(b - [0.5, -0.5]) <= np.array([2.0, 0.1]) + 1e-5)
+    assert p.act([0.0, 1, 2]).shape == (ACT,)  # lists and integer arrays are accepted
+
+
+def test_same_seed_same_actions_and_reset_reseeds():
+    p, q = policy(seed=7), policy(seed=7)
+    obs = np.random.default_rng(0).normal(size=(6, OBS))
+    a = [p.act(o) for o in obs]
+    assert np.array_equal(a, [q.act(o) for o in obs])
+    p.reset()
+    assert np.array_equal(a, [p.act(o) for o in obs])
+    assert not np.allclose(a, [policy(seed=8).act(o) for o in obs])
+    assert not np.allclose(a[0], a[1])  # stochastic sampler: fresh noise each call
+
+
+def test_queue_plans_only_every_n_action_steps_and_history_repeats_first_obs():
+    p = policy(n_obs_steps=2, n_action_steps=3, horizon=6, net="unet1d")
+    calls = []
+    forward = p.actor.forward
+
+    def spy(obs, generator=None):
+        calls.append(obs.clone())
+        return forward(obs, generator)
+
+    p.actor.forward = spy
+    obs = np.arange(7 * OBS, dtype=np.float32).reshape(7, OBS)
+    for o in obs:
+        p.act(o)
+    assert len(calls) == 3  # steps 0, 3, 6
+    normalised = (torch.from_numpy(obs) - torch.tensor([1.0, -2.0, 0.5])) / torch.tensor([2.0, 1.0, 0.5])
+    assert torch.allclose(calls[0][0], normalised[[0, 0]])  # first observation repeated
+    assert torch.allclose(calls[1][0], normalised[[2, 3]])
+    assert torch.allclose(calls[2][0], normalised[[5, 6]])
+    p.reset()
+    p.act(obs[0])
+    assert len(calls) == 4  # reset clears the queue
+
+
+def test_batched_queue_rejects_batch_change_without_reset():
+    p = policy(n_obs_steps=2, n_action_steps=2, horizon=4, net="unet1d")
+    p.act(np.zeros((3, OBS)))
+    with pytest.raises(ValueError, match="batch size changed"):
+        p.act(np.zeros((2, OBS)))
+    p.reset()
+    assert p.act(np.zeros((2, OBS))).shape == (2, ACT)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (np.zeros(4), ValueError, r"shape \(3,\) or \(n, 3\)"),
+    (np.zeros((2, 2, 3)), ValueError, r"shape \(3,\) or \(n, 3\)"),
+    (np.array(["a", "b", "c"]), TypeError, "numeric"),
+    (np.array([0.0, np.nan, 1.0]), ValueError, "NaN"),
+])
+def test_bad_observations_raise_clear_errors(bad, error, match):
+    with pytest.raises(error, match=match):
+        policy().act(bad)
+
+
+def test_save_load_round_trip_gives_identical_actions(tmp_path):
+    p = policy(seed=3, n_obs_steps=2, n_action_steps=2, horizon=4, net="unet1d")
+    path = p.save(tmp_path / "policy.pt")
+    q = load_policy(path)
+    assert (q.n_obs_steps, q.n_action_steps, q.seed) == (2, 2, 3)
+    obs = np.random.default_rng(1).normal(size=(5, OBS))
+    p.reset()
+    assert np.array_equal([p.act(o) for o in obs], [q.act(o) for o in obs])
+
+
+def test_load_rejects_corrupt_and_incompatible_files(tmp_path):
+    p = policy()
+    path = p.save(tmp_path / "policy.pt")
+    data = path.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_policy(tmp_path / "cut.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a diffrl checkpoint"):
+        load_policy(tmp_path / "text.pt")
+    save_checkpoint(tmp_path / "agent.pt", {"x": 1}, kind="diffusion_bc")
+    with pytest.raises(CheckpointError, match="expected 'policy'"):
+        load_policy(tmp_path / "agent.pt")
+    payload = p._payload()
+    payload["actor_kind"] = "no_such_actor"
+    save_checkpoint(tmp_path / "kind.pt", payload, kind="policy")
+    with pytest.raises(CheckpointError, match="no actor registered"):
+        load_policy(tmp_path / "kind.pt")
+    payload = p._payload()
+    payload["actor_config"]["net_kwargs"]["hidden"] = 16
+    save_checkpoint(tmp_path / "shape.pt", payload, kind="policy")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_policy(tmp_path / "shape.pt")
+
+
+SUBPROCESS = """
+import json, sys, torch
+torch.set_num_threads(1)
+module = torch.jit.load(sys.argv[1])
+torch.manual_seed(5)
+obs = torch.tensor(json.loads(sys.argv[2]), dtype=torch.float32)
+out = module(obs)
+assert not any(name == 'diffrl' or name.startswith(('diffrl.', 'agents', 'envs')) for name in sys.modules)
+print(json.dumps(out.tolist()))
+"""
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_obs_steps=2, n_action_steps=3, horizon=6, net="unet1d",
+                                             solver="dpm-solver++")])
+def test_torchscript_export_runs_without_diffrl_and_matches(tmp_path, kw):
+    p = policy(seed=5, **kw)
+    path = p.export_torchscript(tmp_path / "policy.ts")
+    obs = np.random.default_rng(2).normal(size=(4, p.n_obs_steps, OBS)).astype(np.float32)
+    out = subprocess.run([sys.executable, "-c", SUBPROCESS, str(path), json.dumps(obs.tolist())], capture_output=True,
+                         text=True, check=True, cwd=tmp_path, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    exported = np.array(json.loads(out.stdout))
+    assert exported.shape == (4, p.n_action_steps, ACT)
+    # the same seed through the Policy (a stateless batch call per history)
+    p.reset()
+    with torch.no_grad():
+        expected = p._plan((torch.from_numpy(obs) - p._obs_mean) / p._obs_std)
+    np.testing.assert_allclose(exported, expected, atol=1e-4)
