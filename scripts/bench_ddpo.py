@@ -100,17 +100,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrained", default="results/ddpo/pretrained")
     parser.add_argument("--out", default="results/ddpo")
-    parser.add_argument("--epochs", type=int, default=25, help="DDPO epochs (sample + train rounds) per run")
+    parser.add_argument("--epochs", type=int, default=50, help="DDPO epochs (sample + train rounds) per run")
     parser.add_argument("--batch-size", type=int, default=32, help="images sampled per epoch")
     parser.add_argument("--sample-steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--lora-rank", type=int, default=4)
-    parser.add_argument("--clip-range", type=float, default=1e-4)
-    parser.add_argument("--inner-epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lora-rank", type=int, default=0, help="0: fine-tune the whole U-Net")
+    parser.add_argument("--clip-range", type=float, default=0.2)
+    parser.add_argument("--inner-epochs", type=int, default=2)
     parser.add_argument("--minibatch-size", type=int, default=32)
     parser.add_argument("--target-class", type=int, default=-1,
-                        help="digit rewarded by the classifier; -1: the one the start model draws least when unprompted")
+                        help="digit the classifier rewards; -1: the one the start model draws least unprompted")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -134,7 +134,8 @@ def main() -> None:
 
     results: dict = {"target_class": target, "args": vars(args)}
     results["compress_is"], _ = run("compress_is", base, compress, all_classes, args)
-    results["compress_sf"], _ = run("compress_sf", replace(base, method="sf"), compress, all_classes, args)
+    sf = replace(base, method="sf", inner_epochs=1)  # on-policy: one step per batch
+    results["compress_sf"], _ = run("compress_sf", sf, compress, all_classes, args)
     results["classifier_is"], images = run("classifier_is", unprompted, confidence, all_classes, args)
     with torch.no_grad():
         results["classifier_is"]["target_fraction"] = {

@@ -232,3 +232,28 @@ def test_diffusers_unet_through_the_adapter():
                                    batch["log_probs"], rtol=1e-5, atol=1e-2)
     metrics = agent.update(batch)
     assert metrics["num_updates"] == 1 and all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers is not installed")
+def test_diffusers_cross_attention_unet_uses_prompt_embeddings():
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from agents.diffusers_adapter import from_diffusers
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=4,
+                                cross_attention_dim=8, attention_head_dim=4)
+    scheduler = DDIMScheduler(num_train_timesteps=100, prediction_type="v_prediction")
+    prompts, null = torch.randn(3, 2, 8), torch.zeros(2, 8)
+    model = from_diffusers(unet, scheduler, prompt_embeds=prompts, null_embed=null).eval()
+    assert model.prediction.name == "v"
+    x, k, c = torch.randn(3, *SHAPE), torch.tensor([0, 50, 99]), torch.tensor([2, 0, 1])
+    t = (k + 1).float() / 100
+    with torch.no_grad():
+        torch.testing.assert_close(model.denoiser(x, t, c), unet(x, k, encoder_hidden_states=prompts[c]).sample)
+        torch.testing.assert_close(model.denoiser(x, t, None),
+                                   unet(x, k, encoder_hidden_states=null.expand(3, 2, 8)).sample)
+    with pytest.raises(ValueError, match="prompt_embeds"):
+        from_diffusers(unet, scheduler)
