@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +39,8 @@ POINTNAV_GOAL = "goal=0.8,0.0"
 
 #: Budgets: training steps/batch, network, evaluation episodes and step cap, candidate plans.
 BUDGETS = {
-    "tiny": {"nav_steps": 1000, "steps": 1000, "batch": 32, "dims": "16,32,64", "horizon": 16, "episodes": 2,
-             "max_steps": 60, "nav_episodes": 10, "candidates": 4},
+    "tiny": {"nav_steps": 800, "steps": 600, "batch": 32, "dims": "16,32,64", "horizon": 16, "episodes": 2,
+             "max_steps": 50, "nav_episodes": 10, "candidates": 4},
     "small": {"nav_steps": 2000, "steps": 5000, "batch": 64, "dims": "32,64,128", "horizon": 32, "episodes": 5,
               "max_steps": 300, "nav_episodes": 20, "candidates": 16},
     "full": {"nav_steps": 5000, "steps": 200_000, "batch": 32, "dims": "32,64,128,256", "horizon": 32,
@@ -134,15 +134,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     budget = BUDGETS[args.budget]
-    start = time.perf_counter()
-    with ProcessPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_pointnav, s, budget) if task == "pointnav" else
-                   pool.submit(run_locomotion, task, s, budget) for task in args.tasks for s in args.seeds]
-        results = [f.result() for f in futures]
-    text = report(results, args.budget, budget, time.perf_counter() - start)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.budget}.json").write_text(json.dumps(results, indent=1))
+    start = time.perf_counter()
+    results = []
+    with ProcessPoolExecutor(args.jobs) as pool, open(out / f"{args.budget}.jsonl", "w") as log:
+        futures = [pool.submit(run_pointnav, s, budget) if task == "pointnav" else
+                   pool.submit(run_locomotion, task, s, budget) for task in args.tasks for s in args.seeds]
+        for future in as_completed(futures):
+            results.append(future.result())
+            log.write(json.dumps(results[-1]) + "\n")
+            log.flush()
+    results.sort(key=lambda r: (args.tasks.index(r["task"]), r["seed"]))
+    text = report(results, args.budget, budget, time.perf_counter() - start)
     (out / f"{args.budget}.md").write_text(text)
     print(text)
 
