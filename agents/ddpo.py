@@ -85,9 +85,10 @@ def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor
 
 @dataclass
 class DDPOConfig:
-    """DDPO hyper-parameters; defaults follow Black et al. 2023 (Appendix, Table of hyper-parameters: 50 DDIM
-    steps, eta 1, guidance 5, AdamW lr 3e-4 with LoRA, weight decay 1e-4, grad clip 1, clip range 1e-4,
-    advantages clipped at 5, per-prompt stat tracking with buffer 16 / min count 16)."""
+    """DDPO hyper-parameters. Defaults follow Black et al. 2023 and the configuration released with it
+    (ddpo-pytorch, config/base.py): 50 DDIM steps, eta 1, guidance 5, AdamW lr 3e-4 (for LoRA), weight decay 1e-4,
+    grad clip 1, clip range 1e-4, advantages clipped at 5, per-prompt stat tracking with buffer 16 / min count 16.
+    Small models on short chains need other values: see scripts/bench_ddpo.py for those used on the digits model."""
 
     method: str = "is"  # "sf" (REINFORCE, one step per batch) or "is" (importance sampling + PPO clipping)
     sample_steps: int = 50  # DDIM grid points (sample_steps - 1 stochastic steps, then the x0 prediction)
