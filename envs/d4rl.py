@@ -79,14 +79,19 @@ def d4rl_url(name: str) -> str:
     return f"{_D4RL_URL}/gym_mujoco_v{version}/{robot}_{level}-v{version}.hdf5"
 
 
+#: D4RL-layout datasets kept beside a source checkout (``<checkout>/../shared/datasets``), searched last.
+CHECKOUT_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
 def d4rl_dirs() -> list[Path]:
-    """Folders searched for D4RL files: ``$D4RL_DATASET_DIR`` then ``~/.d4rl/datasets``."""
+    """Folders searched for D4RL files: ``$D4RL_DATASET_DIR``, ``~/.d4rl/datasets``, then ``CHECKOUT_DATASETS``."""
     dirs = [Path(os.environ["D4RL_DATASET_DIR"])] if os.environ.get("D4RL_DATASET_DIR") else []
-    return dirs + [Path.home() / ".d4rl" / "datasets"]
+    dirs.append(Path.home() / ".d4rl" / "datasets")
+    return dirs + ([CHECKOUT_DATASETS] if CHECKOUT_DATASETS.is_dir() else [])
 
 
-def load_d4rl_name(name: str, dataset_dir: str | os.PathLike | None = None) -> OfflineDataset:
-    """Load a D4RL dataset by name from a local folder (no download)."""
+def find_d4rl_file(name: str, dataset_dir: str | os.PathLike | None = None) -> Path:
+    """The local file of D4RL dataset ``name`` (no download); a clear error with the download address if absent."""
     m = _D4RL_NAME.match(name)
     if m is None:
         raise ValueError(f"not a D4RL Gym-MuJoCo dataset name: {name!r}")
@@ -96,10 +101,15 @@ def load_d4rl_name(name: str, dataset_dir: str | os.PathLike | None = None) -> O
     for folder in dirs:
         for filename in filenames:
             if (folder / filename).is_file():
-                return read_d4rl_hdf5(folder / filename, name=name)
+                return folder / filename
     raise FileNotFoundError(
         f"D4RL dataset {name!r} not found locally (looked for {filenames} in {[str(d) for d in dirs]}). "
         f"Download it from {d4rl_url(name)} into one of those folders (or set D4RL_DATASET_DIR).")
+
+
+def load_d4rl_name(name: str, dataset_dir: str | os.PathLike | None = None) -> OfflineDataset:
+    """Load a D4RL dataset by name from a local folder (no download)."""
+    return read_d4rl_hdf5(find_d4rl_file(name, dataset_dir), name=name)
 
 
 def _attr(attrs: h5py.AttributeManager, key: str) -> object | None:

@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=None, help="evaluation episodes (pointnav 100, hopper 10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--dataset", default="/work/shared/datasets/hopper-medium.hdf5")
+    parser.add_argument("--dataset", default="hopper-medium")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.task == "pointnav":

@@ -1,10 +1,10 @@
 """Offline RL at a fixed gradient-step budget: Diffusion-QL, QGPO and IDQL against DiffusionBC and d3rlpy's IQL and
-TD3+BC, on the D4RL-layout datasets in /work/shared/datasets, all in the same run.
+TD3+BC, on the D4RL-layout datasets in ../shared/datasets (found by name), all in the same run.
 
 Prints one table of D4RL-normalised scores (mean and standard error over seeds, last evaluation), the training
 throughput (gradient steps per second, evaluation excluded) per agent, and saves learning curves to
 ``results/offline_rl_curves.png`` and all numbers to ``results/offline_rl.json``. The d3rlpy columns run in their own
-virtual environment (``--d3rlpy-python``, default /work/d3rlpy-venv) through scripts/d3rlpy_runner.py; they are
+virtual environment (``--d3rlpy-python``, default ../d3rlpy-venv) through scripts/d3rlpy_runner.py; they are
 skipped with a message when it is absent.
 
     # full comparison (hours on 2 CPU cores)
@@ -31,10 +31,11 @@ from train_offline_rl import make_config, train  # noqa: E402
 
 from agents import AGENTS  # noqa: E402
 from envs import load_dataset  # noqa: E402
+from envs.d4rl import find_d4rl_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
-DATA_DIR = Path("/work/shared/datasets")
+D3RLPY_PYTHON = ROOT.parent / "d3rlpy-venv" / "bin" / "python"
 DATASETS = ("hopper-medium", "hopper-medium-replay", "halfcheetah-medium", "halfcheetah-medium-replay")
 OURS = ("diffusion_ql", "qgpo", "idql", "diffusion_bc")
 D3RLPY = ("iql", "td3bc")
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20_000, help="gradient-step budget of every agent")
     parser.add_argument("--eval-every", type=int, default=0, help="evaluation period (default: only at the end)")
     parser.add_argument("--eval-episodes", type=int, default=5)
-    parser.add_argument("--d3rlpy-python", default="/work/d3rlpy-venv/bin/python")
+    parser.add_argument("--d3rlpy-python", default=str(D3RLPY_PYTHON))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"skipping {missing}: not registered in agents.AGENTS")
     if any(a in D3RLPY for a in agents) and not Path(args.d3rlpy_python).exists():
         print(f"skipping d3rlpy IQL / TD3+BC: no interpreter at {args.d3rlpy_python} (create the venv with "
-              "`python -m venv /work/d3rlpy-venv && /work/d3rlpy-venv/bin/pip install torch==2.13.0 d3rlpy h5py "
+              f"`python -m venv {D3RLPY_PYTHON.parents[1]} && {D3RLPY_PYTHON.parent}/pip install torch==2.13.0 "
+              "d3rlpy h5py "
               "'gymnasium[mujoco]==1.0.0'`)")
         agents = [a for a in agents if a not in D3RLPY]
     labels = {a: D3RLPY_LABEL.get(a, a) for a in agents}
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.eval_episodes} evaluation episodes every {args.eval_every or args.steps} steps")
     results: dict[str, dict[str, list[dict]]] = {}
     for name in args.datasets:
-        path = DATA_DIR / f"{name}.hdf5"
+        path = find_d4rl_file(name)
         dataset = load_dataset(path)
         for kind in agents:
             for seed in args.seeds:

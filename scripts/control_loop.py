@@ -24,7 +24,7 @@ from diffrl.training import TrainConfig, Trainer
 from envs.datasets import load_dataset
 from envs.toy import POINTNAV_ID
 
-ENVS = {"pointnav": (POINTNAV_ID, "toy:pointnav"), "hopper": ("Hopper-v5", "/work/shared/datasets/hopper-medium.hdf5")}
+ENVS = {"pointnav": (POINTNAV_ID, "toy:pointnav"), "hopper": ("Hopper-v5", "hopper-medium")}
 
 
 def tiny_policy(dataset_spec: str, steps: int, solver: str, solver_steps: int) -> Policy:

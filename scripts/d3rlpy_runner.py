@@ -3,7 +3,8 @@
 Runs in its own virtual environment (d3rlpy pins gymnasium==1.0.0) and imports only d3rlpy, gymnasium, h5py and
 numpy, never diffrl. scripts/bench_offline_rl.py starts it as a subprocess:
 
-    /work/d3rlpy-venv/bin/python scripts/d3rlpy_runner.py --algo td3bc --dataset hopper-medium.hdf5 --steps 5000
+    ../d3rlpy-venv/bin/python scripts/d3rlpy_runner.py --algo td3bc \
+        --dataset ../shared/datasets/hopper-medium.hdf5 --steps 5000
 
 Settings are d3rlpy's reproduction settings for D4RL locomotion: TD3+BC (Fujimoto & Gu 2021) with alpha 2.5 and
 standardised observations; IQL (Kostrikov et al. 2022) with expectile 0.7, temperature 3 and rewards scaled by

@@ -1,7 +1,7 @@
 """Train an offline-RL agent (Diffusion-QL, QGPO, IDQL, or any registered agent) on an offline dataset.
 
     OMP_NUM_THREADS=1 python scripts/train_offline_rl.py diffusion_ql \\
-        --dataset /work/shared/datasets/hopper-medium.hdf5 --steps 20000 --eval-every 5000 \\
+        --dataset hopper-medium --steps 20000 --eval-every 5000 \\
         --run-dir runs/dql-hopper eta=1.0 max_grad_norm=9
     OMP_NUM_THREADS=1 python scripts/train_offline_rl.py qgpo --dataset toy:bandit-8gaussians --steps 2000
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from envs import Normalizer, OfflineDataset, load_dataset
-from envs.d4rl import d4rl_url, read_d4rl_hdf5, ref_scores, write_d4rl_hdf5
+from envs.d4rl import CHECKOUT_DATASETS, d4rl_url, read_d4rl_hdf5, ref_scores, write_d4rl_hdf5
 
-SHARED = Path("/work/shared/datasets/hopper-medium.hdf5")
+SHARED = CHECKOUT_DATASETS / "hopper-medium.hdf5"
 
 
 def small_dataset(**kw) -> OfflineDataset:
