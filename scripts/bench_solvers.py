@@ -26,23 +26,12 @@ from diffrl.analytic import ExactDenoiser, GaussianMixture, sliced_wasserstein
 from diffrl.model import DiffusionModel
 from diffrl.nets.mlp import ResidualMLP
 from diffrl.schedules import SCHEDULES, make_schedule
-from diffrl.solvers import DDIM, DDPM, DPMSolverPP, Euler, EulerMaruyama, Heun, Solver
+from diffrl.solvers import DPMSolverPP, Solver, solver_variants
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-SOLVERS: dict[str, Solver] = {
-    "ddpm": DDPM(),
-    "ddim": DDIM(),
-    "dpm++1m": DPMSolverPP(1),
-    "dpm++2m": DPMSolverPP(2),
-    "dpm++3m": DPMSolverPP(3),
-    "dpm++2s": DPMSolverPP(2, multistep=False),
-    "dpm++3s": DPMSolverPP(3, multistep=False),
-    "euler": Euler(),
-    "heun": Heun(),
-    "euler-maruyama": EulerMaruyama(),
-}
+SOLVERS: dict[str, Solver] = solver_variants()
 FIELDS = ["solver", "nfe", "steps", "sw2", "mean_err", "cov_err", "ms_batch1", "ms_batch256"]
 
 

@@ -9,7 +9,6 @@ from diffrl.analytic import ExactDenoiser, GaussianMixture
 from diffrl.model import DiffusionModel
 from diffrl.predictions import convert
 from diffrl.schedules import VESDE, VPSDE, DiscreteVP, LinearFlow, NoiseSchedule, TrigFlow, expand_like
-from diffrl.solvers import DDIM, DDPM, DPMSolverPP, Euler, EulerMaruyama, Heun, Solver
 
 SCHEDULES: dict[str, NoiseSchedule] = {
     "ddpm-linear": DiscreteVP.linear(),
@@ -20,23 +19,6 @@ SCHEDULES: dict[str, NoiseSchedule] = {
     "linear-flow": LinearFlow(),
     "trig-flow": TrigFlow(),
 }
-
-
-def all_solvers() -> dict[str, Solver]:
-    """One instance of every sampler, DPM-Solver++ in each order and mode."""
-    return {
-        "ddpm": DDPM(),
-        "ddim": DDIM(),
-        "ddim-eta0.5": DDIM(eta=0.5),
-        "dpm++1": DPMSolverPP(1),
-        "dpm++2m": DPMSolverPP(2),
-        "dpm++3m": DPMSolverPP(3),
-        "dpm++2s": DPMSolverPP(2, multistep=False),
-        "dpm++3s": DPMSolverPP(3, multistep=False),
-        "euler": Euler(),
-        "heun": Heun(),
-        "euler-maruyama": EulerMaruyama(),
-    }
 
 
 def four_modes(std: float = 0.3) -> GaussianMixture:

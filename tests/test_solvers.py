@@ -5,14 +5,14 @@ import math
 
 import pytest
 import torch
-from diffusion_reference import SCHEDULES, all_solvers, exact_model, four_modes, moment_errors, prior, reference_output
+from diffusion_reference import SCHEDULES, exact_model, four_modes, moment_errors, prior, reference_output
 
 from diffrl.analytic import GaussianMixture, sliced_wasserstein
-from diffrl.solvers import DDIM, DDPM, DPMSolverPP, Euler, Heun, make_solver, make_timesteps
+from diffrl.solvers import DDIM, DDPM, DPMSolverPP, Euler, Heun, make_solver, make_timesteps, solver_variants
 
 MIX = four_modes(0.3)
 VP = SCHEDULES["vp-sde"]
-SOLVERS = all_solvers()
+SOLVERS = solver_variants()
 STOCHASTIC = ["ddpm", "ddim-eta0.5", "euler-maruyama"]
 DETERMINISTIC = [name for name in SOLVERS if name not in STOCHASTIC]
 FIRST_ORDER = ["ddim", "dpm++1", "euler"]

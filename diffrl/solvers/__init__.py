@@ -15,6 +15,23 @@ SOLVERS: dict[str, type[Solver]] = {
 }
 
 
+def solver_variants() -> dict[str, Solver]:
+    """One instance of every sampler, DPM-Solver++ in each order and mode, by short label (for sweeps and tests)."""
+    return {
+        "ddpm": DDPM(),
+        "ddim": DDIM(),
+        "ddim-eta0.5": DDIM(eta=0.5),
+        "dpm++1": DPMSolverPP(1),
+        "dpm++2m": DPMSolverPP(2),
+        "dpm++3m": DPMSolverPP(3),
+        "dpm++2s": DPMSolverPP(2, multistep=False),
+        "dpm++3s": DPMSolverPP(3, multistep=False),
+        "euler": Euler(),
+        "heun": Heun(),
+        "euler-maruyama": EulerMaruyama(),
+    }
+
+
 def make_solver(solver: Solver | str, **kwargs) -> Solver:
     """A solver instance from its name (see ``SOLVERS``) and keyword options, or the instance itself."""
     if isinstance(solver, Solver):
@@ -28,4 +45,5 @@ def make_solver(solver: Solver | str, **kwargs) -> Solver:
 __all__ = [
     "AffineStep", "DDIM", "DDPM", "DPMSolverPP", "Euler", "EulerMaruyama", "Heun", "SOLVERS", "SPACINGS",
     "SamplingPlan", "Solver", "StepDistribution", "Trajectory", "gaussian_log_prob", "make_solver", "make_timesteps",
+    "solver_variants",
 ]
