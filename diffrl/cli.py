@@ -97,7 +97,7 @@ def _evaluator(dataset, episodes: int, seed: int):
         return None
 
     def run(agent, step: int) -> dict:
-        result = evaluate(agent.policy(), dataset, episodes=episodes, seed=seed + 10_000).to_dict()
+        result = evaluate(agent.policy(seed=seed + 10_000), dataset, episodes=episodes, seed=seed + 10_000).to_dict()
         return {k: v for k, v in result.items() if isinstance(v, int | float)}
 
     return run
@@ -154,11 +154,11 @@ def _finish_run(agent, dataset, run_dir: Path, spec: RunSpec) -> None:
     from diffrl.plots import plot_learning_curve
     from envs import evaluate
 
-    policy = agent.policy()
-    policy.save(run_dir / POLICY_FILE)
+    agent.policy().save(run_dir / POLICY_FILE)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "policy": str(run_dir / POLICY_FILE)}
     if spec.eval_episodes > 0 and getattr(dataset, "env_id", None) is not None:
-        result = evaluate(policy, dataset, episodes=spec.eval_episodes, seed=spec.train.get("seed", 0) + 20_000)
+        seed = spec.train.get("seed", 0) + 20_000
+        result = evaluate(agent.policy(seed=seed), dataset, episodes=spec.eval_episodes, seed=seed)
         summary["final_eval"] = result.to_dict()
         (run_dir / "final_eval.json").write_text(json.dumps(result.to_dict(), indent=2))
     plot = plot_learning_curve(run_dir)
@@ -167,23 +167,36 @@ def _finish_run(agent, dataset, run_dir: Path, spec: RunSpec) -> None:
     print(json.dumps(summary, indent=2, default=float))
 
 
-def _load_policy(path: Path):
-    from agents.policy import load_policy
+def _run_dir_of(path: Path) -> Path:
+    """The run folder a path belongs to: itself, its policy file's folder, or a checkpoint's run."""
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def _load_policy(path: Path, seed: int | None = None):
+    """A policy from a policy file, a run folder (its final policy) or a training checkpoint of a run."""
+    from agents.policy import CHECKPOINT_KIND, load_policy
+    from diffrl.checkpoint import load_checkpoint, read_header
+    from envs import load_dataset
 
     if path.is_dir():
         path = path / POLICY_FILE
-    return load_policy(path)
+    if not path.is_file() or read_header(path).get("kind") == CHECKPOINT_KIND:
+        return load_policy(path, seed=seed)
+    spec = RunSpec.load(_run_dir_of(path))
+    config_cls, _ = resolve_agent(spec.agent)
+    agent = build_agent(spec.agent, config_from_dict(config_cls, spec.agent_config), load_dataset(spec.dataset))
+    agent.load_state_dict(load_checkpoint(path, expected_kind=spec.agent)["agent"])
+    return agent.policy(seed=seed)
 
 
 def _eval_one(job: tuple[str, str | None, int, int]) -> dict:
     from envs import evaluate, load_dataset
 
     path, env, episodes, seed = job
-    policy = _load_policy(Path(path))
-    target = env
-    if target is None:
-        run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
-        target = load_dataset(RunSpec.load(run_dir).dataset)
+    policy = _load_policy(Path(path), seed=seed)  # sampling noise follows the evaluation seed too
+    target = env if env is not None else load_dataset(RunSpec.load(_run_dir_of(Path(path))).dataset)
     return {"path": path, "seed": seed, **evaluate(policy, target, episodes=episodes, seed=seed).to_dict()}
 
 
@@ -255,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue a run exactly from its latest checkpoint (--steps sets a new total)")
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate saved policies (run folders or policy files)")
+    ev = sub.add_parser("eval", help="evaluate saved policies (run folders, policy files or checkpoints)")
     ev.add_argument("paths", nargs="+")
     ev.add_argument("--episodes", type=int, default=10)
     ev.add_argument("--env", help="environment id (default: the run's dataset environment)")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -89,10 +90,36 @@ def test_eval_command_on_run_folder(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_eval_of_checkpoints_in_parallel_workers_matches_sequential(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(run, 20, "--checkpoint-every", "10")
+    checkpoint = run / "checkpoints" / "step_0000010.pt"
+    capsys.readouterr()
+    main(["eval", str(checkpoint), str(run), "--episodes", "2", "--seeds", "0,1"])
+    sequential = json.loads(capsys.readouterr().out)
+    main(["eval", str(checkpoint), str(run), "--episodes", "2", "--seeds", "0,1", "--workers", "2"])
+    parallel = json.loads(capsys.readouterr().out)
+    assert parallel == sequential
+    assert sequential[0]["returns"] != sequential[2]["returns"]  # step 10 and the final policy differ
+
+
+def test_eval_rejects_a_checkpoint_of_another_agent(tmp_path):
+    run = tmp_path / "run"
+    train(run, 10, "--checkpoint-every", "10")
+    spec = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**spec, "agent": "gaussian_bc", "agent_config": {}}))
+    with pytest.raises(SystemExit, match="diffusion_bc"):
+        main(["eval", str(run / "checkpoints" / "step_0000010.pt"), "--episodes", "1"])
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "diffrl",
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "diffrl",
            "train", "diffusion_bc", "--dataset", "toy:pointnav", "--steps", "20", "--batch-size", "32",
            "--eval-episodes", "0", "--run-dir", str(run), *TINY]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
