@@ -100,7 +100,9 @@ def _mean_se(values: list[float]) -> str:
 def report(results: list[dict], budget_name: str, budget: dict, wall_s: float) -> str:
     """Markdown tables: goal-reaching on PointNav; normalised score and latency per planning variant."""
     lines = [f"# Planner benchmark (budget `{budget_name}`: {json.dumps(budget)})", "",
-             f"Total wall time {wall_s / 60:.1f} min; mean ± standard error over seeds.", ""]
+             f"Total wall time {wall_s / 60:.1f} min; mean ± standard error over seeds. Latency / step: wall time of "
+             "one planning call for all parallel episodes (batch = episodes x candidates), on a CPU shared with "
+             "other jobs, so compare rows of one table, not absolute values.", ""]
     nav = [r for r in results if r["task"] == "pointnav"]
     if nav:
         lines += ["## PointNav, goal-conditioned Diffuser", "",
