@@ -44,7 +44,10 @@ def resolve_agent(kind: str) -> tuple[type, type]:
 def build_agent(kind: str, config: Any, dataset) -> Any:
     """Instantiate an agent for ``dataset`` (dimensions and normalisers come from the data)."""
     _, agent_cls = resolve_agent(kind)
-    return agent_cls.from_dataset(dataset, config)
+    try:
+        return agent_cls.from_dataset(dataset, config)
+    except TypeError as err:  # e.g. DDPO, which fine-tunes on a reward rather than a dataset
+        raise SystemExit(f"error: {err}") from None
 
 
 def batch_sampler(agent, dataset):
@@ -103,44 +106,40 @@ def _evaluator(dataset, episodes: int, seed: int):
     return run
 
 
+def _fresh_spec(args) -> RunSpec:
+    """The run spec of a new run from the command line (agent config overrides applied and checked)."""
+    if not args.agent or not args.dataset:
+        raise SystemExit("diffrl train needs AGENT and --dataset (or --resume RUN_DIR)")
+    config_cls, _ = resolve_agent(args.agent)
+    agent_config = apply_overrides(config_cls(), args.overrides)
+    train = config_to_dict(TrainConfig())
+    train.update({k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed),
+                                    ("eval_every", args.eval_every), ("log_every", args.log_every),
+                                    ("checkpoint_every", args.checkpoint_every)) if v is not None})
+    train["checkpoint_every"] = train["checkpoint_every"] or max(1, train["steps"] // 5)
+    del train["run_dir"]
+    return RunSpec(args.agent.replace("-", "_"), args.dataset, config_to_dict(agent_config), train, args.eval_episodes)
+
+
 def cmd_train(args) -> None:
     from diffrl.distributed import all_gather_object, cleanup, init_distributed, is_main_process
     from envs import load_dataset
 
     if "WORLD_SIZE" in os.environ:
         init_distributed()
-    if args.resume:
-        run_dir = Path(args.resume)
-        spec = RunSpec.load(run_dir)
-        if args.steps is not None:  # extend (or shorten) the run
-            spec.train["steps"] = args.steps
-            if is_main_process():
-                spec.save(run_dir)
-        config_cls, _ = resolve_agent(spec.agent)
-        agent_config = config_from_dict(config_cls, spec.agent_config)
-        dataset = load_dataset(spec.dataset)
-    else:
-        if not args.agent or not args.dataset:
-            raise SystemExit("diffrl train needs AGENT and --dataset (or --resume RUN_DIR)")
-        config_cls, _ = resolve_agent(args.agent)
-        agent_config = apply_overrides(config_cls(), args.overrides)
-        dataset = load_dataset(args.dataset)
-        train = config_to_dict(TrainConfig())
-        train.update({k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed),
-                                        ("eval_every", args.eval_every), ("log_every", args.log_every),
-                                        ("checkpoint_every", args.checkpoint_every)) if v is not None})
-        train["checkpoint_every"] = train["checkpoint_every"] or max(1, train["steps"] // 5)
-        del train["run_dir"]
-        spec = RunSpec(args.agent.replace("-", "_"), args.dataset, config_to_dict(agent_config), train,
-                       args.eval_episodes)
-        run_dir = None
-        if is_main_process():
-            run_dir = _new_run_dir(args, spec.agent, dataset.name)
-            spec.save(run_dir)
-        run_dir = Path(all_gather_object(str(run_dir))[0])  # every process follows rank 0's folder
+    spec = RunSpec.load(Path(args.resume)) if args.resume else _fresh_spec(args)
+    if args.resume and args.steps is not None:  # extend (or shorten) the run
+        spec.train["steps"] = args.steps
+    config_cls, _ = resolve_agent(spec.agent)
+    dataset = load_dataset(spec.dataset)
+    seed_everything(spec.train["seed"])  # the agent's initial weights follow the run's seed
+    agent = build_agent(spec.agent, config_from_dict(config_cls, spec.agent_config), dataset)
+    run_dir = None
+    if is_main_process():
+        run_dir = Path(args.resume) if args.resume else _new_run_dir(args, spec.agent, dataset.name)
+        spec.save(run_dir)
+    run_dir = Path(all_gather_object(str(run_dir))[0])  # every process follows rank 0's folder
     train_config = config_from_dict(TrainConfig, {**spec.train, "run_dir": str(run_dir)})
-    seed_everything(train_config.seed)  # the agent's initial weights follow the run's seed
-    agent = build_agent(spec.agent, agent_config, dataset)
     trainer = Trainer(agent, batch_sampler(agent, dataset), train_config,
                       evaluate=_evaluator(dataset, spec.eval_episodes, train_config.seed))
     trainer.fit(resume=bool(args.resume))
