@@ -212,9 +212,10 @@ def cmd_eval(args) -> None:
 def cmd_collect(args) -> None:
     from envs import collect
 
-    paths = collect(args.env, level=args.level, n_transitions=args.transitions, train_steps=args.train_steps,
-                    seed=args.seed, out_dir=args.out, formats=tuple(args.formats.split(",")))
-    print(json.dumps([str(p) for p in paths] if isinstance(paths, list | tuple) else paths, indent=2, default=str))
+    paths = collect(args.env, level=args.level.split(","), n_transitions=args.transitions,
+                    train_steps=args.train_steps, seed=args.seed, out_dir=args.out,
+                    formats=tuple(args.formats.split(",")), progress=True)
+    print(json.dumps(paths, indent=2, default=str))
 
 
 def cmd_bench(args) -> None:
@@ -279,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     col = sub.add_parser("collect", help="collect a D4RL-style dataset with an SB3 SAC behaviour policy")
     col.add_argument("env")
     col.add_argument("--level", default="medium",
-                     choices=["random", "medium", "medium-replay", "expert", "medium-expert"])
+                     help="random, medium, medium-replay, expert or medium-expert; several comma-separated "
+                          "share one SAC training run")
     col.add_argument("--transitions", type=int, default=100_000)
     col.add_argument("--train-steps", type=int, default=150_000)
     col.add_argument("--seed", type=int, default=0)

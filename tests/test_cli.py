@@ -126,3 +126,19 @@ def test_torchrun_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "policy.pt").is_file()
     assert len(list((run / "tb").iterdir())) == 1  # only rank 0 logs
+
+
+@pytest.mark.slow
+def test_collect_writes_loadable_datasets(tmp_path, capsys):
+    from envs import load_dataset
+
+    main(["collect", "Hopper-v5", "--level", "random,medium", "--transitions", "300", "--train-steps", "200",
+          "--out", str(tmp_path), "--formats", "hdf5,minari"])
+    out = capsys.readouterr().out
+    paths = json.loads(out[out.index("{"):])  # after the progress bar
+    assert set(paths) == {"random", "medium"}
+    for level in paths:
+        from_hdf5, from_minari = load_dataset(paths[level]["hdf5"]), load_dataset(paths[level]["minari"])
+        assert len(from_hdf5) == len(from_minari) == 300
+        assert from_hdf5.env_id == "Hopper-v5" and from_hdf5.obs_dim == 11
+        assert torch.equal(from_hdf5.actions, from_minari.actions)
