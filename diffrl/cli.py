@@ -149,21 +149,23 @@ def cmd_train(args) -> None:
 
 
 def _finish_run(agent, dataset, run_dir: Path, spec: RunSpec) -> None:
-    """Save the final policy, evaluate it, and plot the learning curve."""
+    """Save the final policy, evaluate it, plot the learning curve and print a short summary."""
     from diffrl.plots import plot_learning_curve
     from envs import evaluate
 
     agent.policy().save(run_dir / POLICY_FILE)
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "policy": str(run_dir / POLICY_FILE)}
+    print(f"run folder: {run_dir}\npolicy:     {run_dir / POLICY_FILE}")
     if spec.eval_episodes > 0 and getattr(dataset, "env_id", None) is not None:
         seed = spec.train.get("seed", 0) + 20_000
         result = evaluate(agent.policy(seed=seed), dataset, episodes=spec.eval_episodes, seed=seed)
-        summary["final_eval"] = result.to_dict()
         (run_dir / "final_eval.json").write_text(json.dumps(result.to_dict(), indent=2))
+        line = f"return {result.mean:.2f} +- {result.stderr:.2f} over {spec.eval_episodes} episodes"
+        if result.normalized_mean is not None:
+            line += f", normalised score {result.normalized_mean:.1f} +- {result.normalized_stderr:.1f}"
+        print(f"final:      {line}")
     plot = plot_learning_curve(run_dir)
     if plot is not None:
-        summary["plot"] = str(plot)
-    print(json.dumps(summary, indent=2, default=float))
+        print(f"plot:       {plot}")
 
 
 def _run_dir_of(path: Path) -> Path:
