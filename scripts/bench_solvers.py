@@ -97,11 +97,12 @@ def format_row(row: dict) -> str:
 
 def plot(rows: list[dict], path: Path, floors: dict[str, float]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in SOLVERS:
+    colors = plt.get_cmap("tab20")
+    for i, name in enumerate(SOLVERS):
         mine = [r for r in rows if r["solver"] == name]
         nfe = [r["nfe"] for r in mine]
-        axes[0].loglog(nfe, [r["sw2"] for r in mine], "o-", label=name)
-        axes[1].loglog(nfe, [r["ms_batch256"] for r in mine], "o-", label=name)
+        axes[0].loglog(nfe, [r["sw2"] for r in mine], "o-", label=name, color=colors(i))
+        axes[1].loglog(nfe, [r["ms_batch256"] for r in mine], "o-", label=name, color=colors(i))
     for (label, value), style in zip(floors.items(), (":", "--"), strict=True):
         axes[0].axhline(value, color="k", ls=style, label=label)
     axes[0].set(xlabel="network evaluations", ylabel="sliced W2 to the exact mixture", title="accuracy")
