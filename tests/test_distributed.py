@@ -123,6 +123,8 @@ def test_parallel_map_spawns_single_threaded_workers():
     results = D.parallel_map(_threads_and_square, range(6), processes=2)
     assert [r[2] for r in results] == [x * x for x in range(6)]
     assert {r[0] for r in results} == {1}
-    assert os.getpid() not in {r[1] for r in results} and len({r[1] for r in results}) == 2
+    workers = {r[1] for r in results}
+    # Work runs in the pool's processes (how the items spread over the two workers depends on start-up timing).
+    assert os.getpid() not in workers and 1 <= len(workers) <= 2
     inline = D.parallel_map(_threads_and_square, [3], processes=4)
     assert inline == [(torch.get_num_threads(), os.getpid(), 9)]
