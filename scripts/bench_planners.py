@@ -4,7 +4,7 @@
 ``diffrl/PointNav-v0``): the goal (0.8, 0) is inpainted at the last plan step; reports the share of episodes
 reaching the goal.
 
-``hopper-medium`` / ``halfcheetah-medium`` (``/work/shared/datasets``): one Diffuser (T = 100) per seed, planned
+``hopper-medium`` / ``halfcheetah-medium`` (D4RL names, found in ../shared/datasets): one Diffuser (T = 100) per seed, planned
 four ways: unguided (guide scale 0, one candidate) and value-guided (guide scale, candidates ranked by the return
 model) with DDPM at 100 steps, and value-guided with DPM-Solver++ at 10 and 20 steps. Reports the D4RL-normalised
 score and the wall time of one planning call (one env step for all parallel episodes).
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -34,7 +33,6 @@ from diffrl.training import TrainConfig, Trainer  # noqa: E402
 from envs import load_dataset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
-DATASETS = Path(os.environ.get("DIFFRL_DATASETS", "/work/shared/datasets"))
 POINTNAV_GOAL = "goal=0.8,0.0"
 
 #: Budgets: training steps/batch, network, evaluation episodes and step cap, candidate plans.
@@ -79,7 +77,7 @@ def run_pointnav(seed: int, budget: dict) -> dict:
 def run_locomotion(task: str, seed: int, budget: dict) -> dict:
     """One Diffuser (T = 100) trained per seed; each planning variant of `METHODS` evaluated on it."""
     torch.set_num_threads(1)
-    dataset = load_dataset(DATASETS / f"{task}.hdf5")
+    dataset = load_dataset(task)
     agent = build_planner("diffuser", dataset, [
         "diffusion_steps=100", f"horizon={budget['horizon']}", f"dims={budget['dims']}",
         f"n_candidates={budget['candidates']}"])

@@ -3,7 +3,7 @@
 ``--task pointnav``: a goal-conditioned Diffuser on ``toy:pointnav``; the figure shows the obstacle, the goal, the
 executed paths of several episodes and the plans made along the way (the first plan of each episode in bold).
 
-``--task hopper-medium`` (or any dataset in ``/work/shared/datasets``): a value-guided Diffuser; the figure shows,
+``--task hopper-medium`` (or any D4RL dataset name): a value-guided Diffuser; the figure shows,
 per step of one episode, the return model's prediction for the chosen plan against the realised discounted
 (penalised) return-to-go from that step, as a time series and a scatter plot.
 
@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_planners import DATASETS, POINTNAV_GOAL, RESULTS  # noqa: E402
+from bench_planners import POINTNAV_GOAL, RESULTS  # noqa: E402
 from train_planner import build_planner  # noqa: E402
 
 from agents.planning import PlannerAgent  # noqa: E402
@@ -131,7 +131,7 @@ def load_or_train(task: str, dataset, checkpoint: str | None, steps: int, seed: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="pointnav", help="pointnav or a dataset name in /work/shared/datasets")
+    parser.add_argument("--task", default="pointnav", help="pointnav or a D4RL dataset name")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--episodes", type=int, default=4)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
-    dataset = load_dataset("toy:pointnav" if args.task == "pointnav" else DATASETS / f"{args.task}.hdf5")
+    dataset = load_dataset("toy:pointnav" if args.task == "pointnav" else args.task)
     agent = load_or_train(args.task, dataset, args.checkpoint, args.steps, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
     python scripts/train_planner.py diffuser --dataset toy:pointnav --steps 2000 --set goal_conditioned=true \\
         --set train_value=false --set guide_scale=0 --set n_candidates=1 --set goal=0.8,0.0
-    python scripts/train_planner.py diffuser --dataset /work/shared/datasets/hopper-medium.hdf5 --steps 20000
+    python scripts/train_planner.py diffuser --dataset hopper-medium --steps 20000
 
 Training runs through `diffrl.training.Trainer` (TensorBoard under ``<run-dir>/tb``, periodic evaluation,
 checkpoints); evaluation rolls the receding-horizon policy out with `envs.evaluate` and times each planning call.
