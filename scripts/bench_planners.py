@@ -4,7 +4,7 @@
 ``diffrl/PointNav-v0``): the goal (0.8, 0) is inpainted at the last plan step; reports the share of episodes
 reaching the goal.
 
-``hopper-medium`` / ``halfcheetah-medium`` (D4RL names, found in ../shared/datasets): one Diffuser (T = 100) per seed, planned
+``hopper-medium`` / ``halfcheetah-medium`` (found in ../shared/datasets): one Diffuser (T = 100) per seed, planned
 four ways: unguided (guide scale 0, one candidate) and value-guided (guide scale, candidates ranked by the return
 model) with DDPM at 100 steps, and value-guided with DPM-Solver++ at 10 and 20 steps. Reports the D4RL-normalised
 score and the wall time of one planning call (one env step for all parallel episodes).
