@@ -15,10 +15,10 @@ from agents.critics import DoubleQCritic, QEnsemble, frozen, q_regression_loss, 
 from agents.offline_rl import (
     OfflineRLAgent,
     actor_settings,
+    candidate_actions,
     choose,
     diffusion_actor,
     last_observation,
-    repeat_states,
 )
 from agents.policy import register_actor
 from diffrl.schedules import DiscreteVP
@@ -94,9 +94,7 @@ class DiffusionQLActor(nn.Module):
     def forward(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         s = last_observation(obs, self.obs_dim)
         n = 1 if self.selection == "none" else self.n_candidates
-        states = repeat_states(s, n)
-        actions = self.model.sample((states.shape[0], self.act_dim), states, solver=DDPM(), steps=self.steps,
-                                    generator=generator)
+        states, actions = candidate_actions(self.model, s, n, self.act_dim, DDPM(), self.steps, generator)
         if n == 1:
             return actions.unsqueeze(1)
         logits = self.critic.min(states, actions).view(s.shape[0], n)

@@ -18,10 +18,10 @@ from agents.critics import DoubleQCritic, QEnsemble, ValueNetwork, expectile_log
 from agents.offline_rl import (
     OfflineRLAgent,
     actor_settings,
+    candidate_actions,
     choose,
     diffusion_actor,
     last_observation,
-    repeat_states,
 )
 from agents.policy import register_actor
 from diffrl.schedules import DiscreteVP
@@ -105,9 +105,7 @@ class IDQLActor(nn.Module):
     def forward(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         s = last_observation(obs, self.obs_dim)
         n = self.n_candidates
-        states = repeat_states(s, n)
-        actions = self.model.sample((states.shape[0], self.act_dim), states, solver=DDPM(), steps=self.steps,
-                                    generator=generator)
+        states, actions = candidate_actions(self.model, s, n, self.act_dim, DDPM(), self.steps, generator)
         logits = self.log_weights(states, actions).view(s.shape[0], n)
         return choose(actions.view(s.shape[0], n, self.act_dim), logits, self.greedy, generator).unsqueeze(1)
 

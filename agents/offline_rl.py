@@ -61,6 +61,13 @@ def repeat_states(obs: Tensor, n: int) -> Tensor:
     return obs.repeat_interleave(n, dim=0)
 
 
+def candidate_actions(model: DiffusionModel, obs: Tensor, n: int, act_dim: int, solver: Any, steps: int,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """``n`` sampled actions per state: (repeated states (B * n, obs_dim), actions (B * n, act_dim))."""
+    states = repeat_states(obs, n)
+    return states, model.sample((states.shape[0], act_dim), states, solver=solver, steps=steps, generator=generator)
+
+
 class OfflineRLAgent:
     """Base of the offline-RL agents: holds the dimensions, normalisers and the modules and Learners to save.
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from agents.critics import MLP, DoubleQCritic, q_regression_loss, td_target
-from agents.offline_rl import OfflineRLAgent, actor_settings, diffusion_actor, last_observation, repeat_states
+from agents.offline_rl import OfflineRLAgent, actor_settings, candidate_actions, diffusion_actor, last_observation
 from agents.policy import register_actor
 from diffrl.guidance import GradientGuidance
 from diffrl.model import DiffusionModel
@@ -147,8 +147,7 @@ class QGPO(OfflineRLAgent):
     def support_actions(self, obs: Tensor) -> Tensor:
         """K behaviour samples per state: (B, obs_dim) -> (B, K, act_dim)."""
         k = self.config.n_support
-        actions = self.behavior.sample((obs.shape[0] * k, self.act_dim), repeat_states(obs, k), solver=DPMSolverPP(),
-                                       steps=self.config.support_steps)
+        _, actions = candidate_actions(self.behavior, obs, k, self.act_dim, DPMSolverPP(), self.config.support_steps)
         return actions.view(obs.shape[0], k, self.act_dim)
 
     def energy_loss(self, obs: Tensor, support: Tensor, q_support: Tensor) -> Tensor:
