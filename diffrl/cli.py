@@ -122,7 +122,7 @@ def _fresh_spec(args) -> RunSpec:
 
 
 def cmd_train(args) -> None:
-    from diffrl.distributed import all_gather_object, cleanup, init_distributed, is_main_process
+    from diffrl.distributed import all_gather_object, barrier, cleanup, init_distributed, is_main_process
     from envs import load_dataset
 
     if "WORLD_SIZE" in os.environ:
@@ -145,6 +145,7 @@ def cmd_train(args) -> None:
     trainer.fit(resume=bool(args.resume))
     if is_main_process():
         _finish_run(agent, dataset, run_dir, spec)
+    barrier()  # no rank tears the group down while rank 0 still finishes the run
     cleanup()
 
 
