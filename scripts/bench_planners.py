@@ -34,6 +34,7 @@ from envs import load_dataset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 POINTNAV_GOAL = "goal=0.8,0.0"
+TASKS = ("pointnav", "hopper-medium", "halfcheetah-medium")
 
 #: Budgets: training steps/batch, network, evaluation episodes and step cap, candidate plans.
 BUDGETS = {
@@ -98,7 +99,8 @@ def _mean_se(values: list[float]) -> str:
 def report(results: list[dict], budget_name: str, budget: dict, wall_s: float) -> str:
     """Markdown tables: goal-reaching on PointNav; normalised score and latency per planning variant."""
     lines = [f"# Planner benchmark (budget `{budget_name}`: {json.dumps(budget)})", "",
-             f"Total wall time {wall_s / 60:.1f} min; mean ± standard error over seeds. Latency / step: wall time of "
+             f"Wall time of the last invocation {wall_s / 60:.1f} min; mean ± standard error over seeds. "
+             "Latency / step: wall time of "
              "one planning call for all parallel episodes (batch = episodes x candidates), on a CPU shared with "
              "other jobs, so compare rows of one table, not absolute values.", ""]
     nav = [r for r in results if r["task"] == "pointnav"]
@@ -127,25 +129,33 @@ def report(results: list[dict], budget_name: str, budget: dict, wall_s: float) -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="tiny")
-    parser.add_argument("--tasks", nargs="+", default=["pointnav", "hopper-medium", "halfcheetah-medium"])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="parallel worker processes (one thread each)")
     parser.add_argument("--out", default=str(RESULTS / "bench_planners"))
+    parser.add_argument("--append", action="store_true",
+                        help="keep the runs already logged for this budget (other tasks/seeds) in the report")
     args = parser.parse_args(argv)
 
     budget = BUDGETS[args.budget]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = []
-    with ProcessPoolExecutor(args.jobs) as pool, open(out / f"{args.budget}.jsonl", "w") as log:
+    log_path = out / f"{args.budget}.jsonl"
+    rerun = {(task, s) for task in args.tasks for s in args.seeds}
+    kept = [json.loads(line) for line in log_path.read_text().splitlines()] if args.append and log_path.exists() else []
+    results = [r for r in kept if (r["task"], r["seed"]) not in rerun]
+    with ProcessPoolExecutor(args.jobs) as pool, open(log_path, "w") as log:
+        log.writelines(json.dumps(r) + "\n" for r in results)
+        log.flush()
         futures = [pool.submit(run_pointnav, s, budget) if task == "pointnav" else
                    pool.submit(run_locomotion, task, s, budget) for task in args.tasks for s in args.seeds]
         for future in as_completed(futures):
             results.append(future.result())
             log.write(json.dumps(results[-1]) + "\n")
             log.flush()
-    results.sort(key=lambda r: (args.tasks.index(r["task"]), r["seed"]))
+    order = list(dict.fromkeys([*TASKS, *args.tasks]))
+    results.sort(key=lambda r: (order.index(r["task"]), r["seed"]))
     text = report(results, args.budget, budget, time.perf_counter() - start)
     (out / f"{args.budget}.md").write_text(text)
     print(text)
