@@ -79,12 +79,13 @@ def test_value_guidance_raises_predicted_value(nav):
     train(agent, nav, steps=5)
     obs = agent.obs_normalizer.normalize(nav.observations[:32])
     values = {}
-    for scale in (0.0, 0.5):
-        actor = agent.actor(guide_scale=scale)
+    for scale, guide_steps in ((0.0, 1), (0.5, 1), (0.5, 2)):
+        actor = agent.actor(guide_scale=scale, n_guide_steps=guide_steps)
         actor.value = HeightValue()
-        values[scale] = actor.plan(obs, torch.Generator().manual_seed(3))["values"]
-    assert (values[0.5] - values[0.0]).mean() > 0.2
-    assert (values[0.5] > values[0.0]).float().mean() > 0.9
+        values[scale, guide_steps] = actor.plan(obs, torch.Generator().manual_seed(3))["values"]
+    assert (values[0.5, 1] - values[0.0, 1]).mean() > 0.2
+    assert (values[0.5, 1] > values[0.0, 1]).float().mean() > 0.9
+    assert (values[0.5, 2] - values[0.5, 1]).mean() > 0.1  # a second guide step per denoising step pushes further
 
 
 def test_candidates_are_ranked_by_value(nav):

@@ -157,3 +157,21 @@ def test_compose_and_as_guidance():
     for got, want in zip(both.apply(model, x, t, None, x0, eps), expected, strict=True):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(both.project(x, t), torch.full_like(x, 0.25))
+
+
+def test_several_guide_steps_follow_the_moving_gradient():
+    """n_steps gradients per solver step, each at the point moved by the shifts so far; their sum shifts the score."""
+    model = gaussian_1d_model()
+    x = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]
+    t = torch.full((9,), 0.4, dtype=torch.float64)
+    x0, eps = model.x0_eps(x, t)
+    s2 = expand_like(VP.sigma(t), x) ** 2
+    g = -(x - 1.0) / 0.25  # gradient of the objective at x
+    g2 = g + (-0.7 * s2 * g / 0.25)  # at the moved point x + 0.7 s^2 g (the gradient is linear in x)
+    one = GradientGuidance(log_gauss_objective(1.0, 0.5), scale=0.7).apply(model, x, t, None, x0, eps)
+    two = GradientGuidance(log_gauss_objective(1.0, 0.5), scale=0.7, n_steps=2).apply(model, x, t, None, x0, eps)
+    s = expand_like(VP.sigma(t), x)
+    torch.testing.assert_close(-one[1] / s, -eps / s + 0.7 * g)
+    torch.testing.assert_close(-two[1] / s, -eps / s + 0.7 * (g + g2))
+    with pytest.raises(ValueError, match="n_steps"):
+        GradientGuidance(log_gauss_objective(1.0, 0.5), n_steps=0)
