@@ -3,12 +3,13 @@ TD3+BC, on the D4RL-layout datasets in ../shared/datasets (found by name), all i
 
 Prints one table of D4RL-normalised scores (mean and standard error over seeds, last evaluation), the training
 throughput (gradient steps per second, evaluation excluded) per agent, and saves learning curves to
-``results/offline_rl_curves.png`` and all numbers to ``results/offline_rl.json``. The d3rlpy columns run in their own
-virtual environment (``--d3rlpy-python``, default ../d3rlpy-venv) through scripts/d3rlpy_runner.py; they are
-skipped with a message when it is absent.
+``<out>/offline_rl_curves.png`` and every run (curve, throughput, agent settings) to ``<out>/runs.jsonl``; with
+``--append`` the runs already logged there for other datasets, agents or seeds stay in the table. The d3rlpy columns
+run in their own virtual environment (``--d3rlpy-python``, default ../d3rlpy-venv) through
+scripts/d3rlpy_runner.py; they are skipped with a message when it is absent.
 
     # full comparison (hours on 2 CPU cores)
-    OMP_NUM_THREADS=1 python scripts/bench_offline_rl.py --steps 20000 --seeds 0 1 2
+    OMP_NUM_THREADS=1 python scripts/bench_offline_rl.py --steps 20000 --seeds 0 1 2 --jobs 2
     # small end-to-end check
     OMP_NUM_THREADS=1 python scripts/bench_offline_rl.py --datasets hopper-medium --seeds 0 --steps 1000
 """
@@ -21,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +132,19 @@ def plot_curves(results: dict, labels: dict[str, str], datasets: list[str], path
     plt.close(fig)
 
 
+def run_job(job: tuple[str, str, int], args: argparse.Namespace) -> dict:
+    """One (dataset, agent, seed) run in a single-threaded process: its curve, throughput and settings."""
+    torch.set_num_threads(1)
+    name, kind, seed = job
+    path = find_d4rl_file(name)
+    run = run_d3rlpy(kind, path, args, seed) if kind in D3RLPY else run_ours(kind, load_dataset(path), args, seed)
+    return {"dataset": name, "agent": kind, "seed": seed, "steps": args.steps, **run}
+
+
+def load_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
@@ -139,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20_000, help="gradient-step budget of every agent")
     parser.add_argument("--eval-every", type=int, default=0, help="evaluation period (default: only at the end)")
     parser.add_argument("--eval-episodes", type=int, default=5)
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one single-threaded process each)")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the runs already in <out>/runs.jsonl (other datasets, agents or seeds) in the table")
     parser.add_argument("--d3rlpy-python", default=str(D3RLPY_PYTHON))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -153,27 +171,39 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in D3RLPY for a in agents) and not Path(args.d3rlpy_python).exists():
         print(f"skipping d3rlpy IQL / TD3+BC: no interpreter at {args.d3rlpy_python} (create the venv with "
               f"`python -m venv {D3RLPY_PYTHON.parents[1]} && {D3RLPY_PYTHON.parent}/pip install torch==2.13.0 "
-              "d3rlpy h5py "
-              "'gymnasium[mujoco]==1.0.0'`)")
+              "d3rlpy h5py 'gymnasium[mujoco]==1.0.0'`)")
         agents = [a for a in agents if a not in D3RLPY]
-    labels = {a: D3RLPY_LABEL.get(a, a) for a in agents}
     print(f"budget: {args.steps} gradient steps per agent (batch 256), seeds {args.seeds}, "
           f"{args.eval_episodes} evaluation episodes every {args.eval_every or args.steps} steps")
-    results: dict[str, dict[str, list[dict]]] = {}
+    jobs = [(name, kind, seed) for name in args.datasets for kind in agents for seed in args.seeds]
     for name in args.datasets:
-        path = find_d4rl_file(name)
-        dataset = load_dataset(path)
-        for kind in agents:
-            for seed in args.seeds:
-                run = run_d3rlpy(kind, path, args, seed) if kind in D3RLPY else run_ours(kind, dataset, args, seed)
-                results.setdefault(name, {}).setdefault(kind, []).append(run)
-                print(f"{name:>26} {labels[kind]:>14} seed {seed}: normalised {run['curve'][-1]['normalized']:7.2f}"
-                      f"  ({run['steps_per_sec']:.1f} steps/s)", flush=True)
-    print_tables(results, labels, args.datasets)
-    plot_curves(results, labels, args.datasets, args.out / "offline_rl_curves.png")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    (args.out / "offline_rl.json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
-    print(f"\ncurves: {args.out / 'offline_rl_curves.png'}; numbers: {args.out / 'offline_rl.json'}")
+        find_d4rl_file(name)  # fail now on a missing dataset, not after hours of other runs
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / "runs.jsonl"
+    runs = [r for r in load_log(log_path) if args.append and (r["dataset"], r["agent"], r["seed"]) not in jobs]
+    with ProcessPoolExecutor(args.jobs) as pool, open(log_path, "w") as log:
+        log.writelines(json.dumps(r) + "\n" for r in runs)
+        log.flush()
+        futures = [pool.submit(run_job, job, args) for job in jobs]
+        for future in as_completed(futures):
+            run = future.result()
+            runs.append(run)
+            log.write(json.dumps(run) + "\n")
+            log.flush()
+            print(f"{run['dataset']:>26} {D3RLPY_LABEL.get(run['agent'], run['agent']):>14} seed {run['seed']}: "
+                  f"normalised {run['curve'][-1]['normalized']:7.2f}  ({run['steps_per_sec']:.1f} steps/s)", flush=True)
+    budgets = sorted({r["steps"] for r in runs})
+    if len(budgets) > 1:
+        print(f"warning: the table mixes runs of different budgets {budgets}")
+    results: dict[str, dict[str, list[dict]]] = {}
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        results.setdefault(r["dataset"], {}).setdefault(r["agent"], []).append(r)
+    order = OURS + D3RLPY
+    labels = {a: D3RLPY_LABEL.get(a, a) for a in sorted({r["agent"] for r in runs}, key=order.index)}
+    datasets = sorted(results, key=lambda d: (DATASETS.index(d) if d in DATASETS else len(DATASETS), d))
+    print_tables(results, labels, datasets)
+    plot_curves(results, labels, datasets, args.out / "offline_rl_curves.png")
+    print(f"\ncurves: {args.out / 'offline_rl_curves.png'}; runs: {log_path}")
 
 
 if __name__ == "__main__":
