@@ -159,9 +159,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one single-threaded process each)")
     parser.add_argument("--append", action="store_true",
                         help="keep the runs already in <out>/runs.jsonl (other datasets, agents or seeds) in the table")
+    parser.add_argument("--report", action="store_true", help="run nothing: print and plot <out>/runs.jsonl")
     parser.add_argument("--d3rlpy-python", default=str(D3RLPY_PYTHON))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.report:
+        report(load_log(args.out / "runs.jsonl"), args.out)
+        return
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     unknown = set(args.agents) - set(OURS) - set(D3RLPY)
@@ -194,6 +198,11 @@ def main(argv: list[str] | None = None) -> None:
             log.flush()
             print(f"{run['dataset']:>26} {D3RLPY_LABEL.get(run['agent'], run['agent']):>14} seed {run['seed']}: "
                   f"normalised {run['curve'][-1]['normalized']:7.2f}  ({run['steps_per_sec']:.1f} steps/s)", flush=True)
+    report(runs, args.out)
+
+
+def report(runs: list[dict], out: Path) -> None:
+    """The score and throughput tables and the learning-curve plot of all ``runs``."""
     budgets = sorted({r["steps"] for r in runs})
     if len(budgets) > 1:
         print(f"warning: the table mixes runs of different budgets {budgets}")
@@ -204,8 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     labels = {a: D3RLPY_LABEL.get(a, a) for a in sorted({r["agent"] for r in runs}, key=order.index)}
     datasets = sorted(results, key=lambda d: (DATASETS.index(d) if d in DATASETS else len(DATASETS), d))
     print_tables(results, labels, datasets)
-    plot_curves(results, labels, datasets, args.out / "offline_rl_curves.png")
-    print(f"\ncurves: {args.out / 'offline_rl_curves.png'}; runs: {log_path}")
+    plot_curves(results, labels, datasets, out / "offline_rl_curves.png")
+    print(f"\ncurves: {out / 'offline_rl_curves.png'}; runs: {out / 'runs.jsonl'}")
 
 
 if __name__ == "__main__":
