@@ -92,7 +92,10 @@ class DiffuserActor(nn.Module):
     """Receding-horizon planner: normalised observations (B, n_obs_steps, obs_dim) -> first ``n_action_steps``
     normalised actions of the best plan. ``last_plan`` keeps the latest plans (normalised, see :meth:`plan`)."""
 
-    needs_grad = True
+    @property
+    def needs_grad(self) -> bool:
+        """Value guidance differentiates the return model while sampling."""
+        return bool(self.config.guide_scale)
 
     def __init__(self, config: DiffuserConfig | dict, obs_dim: int, act_dim: int, goal: list[float] | None = None):
         super().__init__()

@@ -216,7 +216,11 @@ class Policy:
 
         It holds the normalisers, the sampler and the clipping; noise comes from torch's global generator
         (``torch.manual_seed`` in the loading process). Load with plain ``torch.jit.load``; diffrl is not needed.
+        Actors that differentiate a guide network while sampling (QGPO, value-guided Diffuser) cannot be traced.
         """
+        if getattr(self.actor, "needs_grad", False):
+            raise ValueError(f"{type(self.actor).__name__} takes gradients of a guide network while sampling, which "
+                             "TorchScript tracing cannot record; deploy it with Policy.save / load_policy instead")
         module = _Exported(self).eval()
         example = torch.zeros(batch_size, self.n_obs_steps, self.obs_dim, device=self.device)
         with torch.no_grad(), warnings.catch_warnings():

@@ -172,3 +172,14 @@ def test_bad_planning_override(nav):
         agent.policy(horizon=4)
     with pytest.raises(ValueError, match="needs the return model"):
         DiffuserConfig(train_value=False)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+def test_torchscript_export_of_unguided_plans_and_refusal_of_guided_ones(nav, tmp_path):
+    agent = make_agent(nav, goal=(0.8, 0.0), goal_conditioned=True, train_value=False, guide_scale=0.0)
+    train(agent, nav)
+    module = torch.jit.load(str(agent.policy(seed=0).export_torchscript(tmp_path / "plan.ts")))
+    actions = module(nav.observations[:2, None])
+    assert actions.shape == (2, 1, nav.act_dim) and torch.isfinite(actions).all()
+    with pytest.raises(ValueError, match="Policy.save"):
+        make_agent(nav).policy(seed=0).export_torchscript(tmp_path / "guided.ts")

@@ -85,3 +85,8 @@ def test_bandit_guidance_raises_reward_and_stays_on_support():
         return torch.cdist(actions, dataset.actions).min(1).values.median().item()
 
     assert support_distance(guided) < support_distance(behaviour) + 0.05  # guidance keeps samples on the data
+
+
+def test_torchscript_export_refuses_the_guided_actor_clearly(tmp_path):
+    with pytest.raises(ValueError, match="Policy.save"):
+        make_agent().policy(seed=0).export_torchscript(tmp_path / "qgpo.ts")
