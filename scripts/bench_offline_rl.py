@@ -124,8 +124,7 @@ def plot_curves(results: dict, labels: dict[str, str], datasets: list[str], path
             scores = np.array([[p["normalized"] for p in r["curve"]] for r in runs])
             mean = scores.mean(0)
             se = scores.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
-            ax.plot(steps, mean, marker="o", label=label)
-            ax.fill_between(steps, mean - se, mean + se, alpha=0.2)
+            ax.errorbar(steps, mean, yerr=se, marker="o", capsize=3, label=label)
         ax.set(title=d, xlabel="gradient steps", ylabel="normalised score")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -212,6 +211,8 @@ def report(runs: list[dict], out: Path) -> None:
     order = OURS + D3RLPY
     labels = {a: D3RLPY_LABEL.get(a, a) for a in sorted({r["agent"] for r in runs}, key=order.index)}
     datasets = sorted(results, key=lambda d: (DATASETS.index(d) if d in DATASETS else len(DATASETS), d))
+    seeds = {d: sorted({r["seed"] for runs_ in results[d].values() for r in runs_}) for d in datasets}
+    print(f"budget {', '.join(map(str, budgets))} gradient steps; seeds per dataset: {seeds}")
     print_tables(results, labels, datasets)
     plot_curves(results, labels, datasets, out / "offline_rl_curves.png")
     print(f"\ncurves: {out / 'offline_rl_curves.png'}; runs: {out / 'runs.jsonl'}")
