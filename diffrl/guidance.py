@@ -73,9 +73,10 @@ class GradientGuidance(Guidance):
     def apply(self, model, x, t, cond, x0, eps):
         if self.scale == 0.0:
             return x0, eps
-        if not bool((t >= self.t_stop).any()):  # past t_stop: skip the gradient evaluations altogether
+        on = t >= self.t_stop
+        if not bool(on.any()):  # past t_stop: skip the gradient evaluations altogether
             return x0, eps
-        active = expand_like((t >= self.t_stop).to(x.dtype), x)
+        active = expand_like(on.to(x.dtype), x)
         a, s = expand_like(model.schedule.alpha(t), x), expand_like(model.schedule.sigma(t), x)
         total = torch.zeros_like(x)
         for _ in range(self.n_steps):

@@ -22,13 +22,13 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_log import read_runs, run_logged  # noqa: E402
 from train_offline_rl import make_config, train  # noqa: E402
 
 from agents import AGENTS  # noqa: E402
@@ -142,8 +142,9 @@ def run_job(job: tuple[str, str, int], args: argparse.Namespace) -> dict:
     return {"dataset": name, "agent": kind, "seed": seed, "steps": args.steps, **run}
 
 
-def load_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def print_run(run: dict) -> None:
+    print(f"{run['dataset']:>26} {D3RLPY_LABEL.get(run['agent'], run['agent']):>14} seed {run['seed']}: "
+          f"normalised {run['curve'][-1]['normalized']:7.2f}  ({run['steps_per_sec']:.1f} steps/s)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.report:
-        report(load_log(args.out / "runs.jsonl"), args.out)
+        report(read_runs(args.out / "runs.jsonl"), args.out)
         return
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -185,18 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         find_d4rl_file(name)  # fail now on a missing dataset, not after hours of other runs
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "runs.jsonl"
-    runs = [r for r in load_log(log_path) if args.append and (r["dataset"], r["agent"], r["seed"]) not in jobs]
-    with ProcessPoolExecutor(args.jobs) as pool, open(log_path, "w") as log:
-        log.writelines(json.dumps(r) + "\n" for r in runs)
-        log.flush()
-        futures = [pool.submit(run_job, job, args) for job in jobs]
-        for future in as_completed(futures):
-            run = future.result()
-            runs.append(run)
-            log.write(json.dumps(run) + "\n")
-            log.flush()
-            print(f"{run['dataset']:>26} {D3RLPY_LABEL.get(run['agent'], run['agent']):>14} seed {run['seed']}: "
-                  f"normalised {run['curve'][-1]['normalized']:7.2f}  ({run['steps_per_sec']:.1f} steps/s)", flush=True)
+    kept = [r for r in read_runs(log_path) if args.append and (r["dataset"], r["agent"], r["seed"]) not in jobs]
+    runs = run_logged([(run_job, (job, args)) for job in jobs], log_path, args.jobs, kept, on_result=print_run)
     report(runs, args.out)
 
 

@@ -19,13 +19,13 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_log import read_runs, run_logged  # noqa: E402
 from train_planner import build_planner, evaluate_planner  # noqa: E402
 
 from diffrl.seeding import seed_everything  # noqa: E402
@@ -143,17 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     log_path = out / f"{args.budget}.jsonl"
     rerun = {(task, s) for task in args.tasks for s in args.seeds}
-    kept = [json.loads(line) for line in log_path.read_text().splitlines()] if args.append and log_path.exists() else []
-    results = [r for r in kept if (r["task"], r["seed"]) not in rerun]
-    with ProcessPoolExecutor(args.jobs) as pool, open(log_path, "w") as log:
-        log.writelines(json.dumps(r) + "\n" for r in results)
-        log.flush()
-        futures = [pool.submit(run_pointnav, s, budget) if task == "pointnav" else
-                   pool.submit(run_locomotion, task, s, budget) for task in args.tasks for s in args.seeds]
-        for future in as_completed(futures):
-            results.append(future.result())
-            log.write(json.dumps(results[-1]) + "\n")
-            log.flush()
+    kept = [r for r in read_runs(log_path) if args.append and (r["task"], r["seed"]) not in rerun]
+    calls = [(run_pointnav, (s, budget)) if task == "pointnav" else (run_locomotion, (task, s, budget))
+             for task in args.tasks for s in args.seeds]
+    results = run_logged(calls, log_path, args.jobs, kept)
     order = list(dict.fromkeys([*TASKS, *args.tasks]))
     results.sort(key=lambda r: (order.index(r["task"]), r["seed"]))
     text = report(results, args.budget, budget, time.perf_counter() - start)

@@ -1,0 +1,31 @@
+"""A benchmark's run log: one JSON line per finished run, written as each run ends, so partial results survive."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+
+def read_runs(path: Path) -> list[dict]:
+    """The runs logged at ``path`` (none when it does not exist)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def run_logged(calls: Sequence[tuple[Callable[..., dict], tuple]], path: Path, processes: int,
+               kept: Sequence[dict] = (), on_result: Callable[[dict], Any] | None = None) -> list[dict]:
+    """Run ``fn(*args)`` for each call in a pool of ``processes`` and log to ``path``: first ``kept`` (earlier runs
+    to keep), then each result as it ends. Returns kept + results, in the order they were logged."""
+    runs = list(kept)
+    with ProcessPoolExecutor(processes) as pool, open(path, "w") as log:
+        log.writelines(json.dumps(r) + "\n" for r in runs)
+        log.flush()
+        for future in as_completed([pool.submit(fn, *args) for fn, args in calls]):
+            runs.append(future.result())
+            log.write(json.dumps(runs[-1]) + "\n")
+            log.flush()
+            if on_result is not None:
+                on_result(runs[-1])
+    return runs
