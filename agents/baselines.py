@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from agents.diffusion_bc import CloningAgent
 from agents.policy import register_actor
+from diffrl.nets.activations import Mish
 
 
 @dataclass
@@ -48,7 +49,7 @@ class GaussianActor(nn.Module):
         layers: list[nn.Module] = []
         width = obs_dim
         for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.Mish()]
+            layers += [nn.Linear(width, hidden), Mish()]
             width = hidden
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(hidden, 2 * act_dim)

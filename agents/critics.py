@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from diffrl.nets.mlp import ACTIVATIONS
+from diffrl.nets.activations import ACTIVATIONS
 
 
 class MLP(nn.Module):

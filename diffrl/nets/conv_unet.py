@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from diffrl.nets.activations import Mish, mish
 from diffrl.nets.transformer import SelfAttention
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
@@ -28,7 +29,7 @@ class ConvBlock(nn.Sequential):
     """``Conv(k, same padding) -> GroupNorm -> Mish``."""
 
     def __init__(self, c_in: int, c_out: int, nd: int, kernel_size: int):
-        super().__init__(_CONV[nd](c_in, c_out, kernel_size, padding=kernel_size // 2), group_norm(c_out), nn.Mish())
+        super().__init__(_CONV[nd](c_in, c_out, kernel_size, padding=kernel_size // 2), group_norm(c_out), Mish())
 
 
 class ResBlock(nn.Module):
@@ -135,7 +136,7 @@ class UNetCore(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         spatial = x.shape[-self.nd :]
-        emb_act = F.mish(emb)
+        emb_act = mish(emb)
         h, skips = self.down(pad_to_multiple(x, self.down.multiple, self.nd), emb_act)
         h = self.mid2(self.mid_attn(self.mid1(h, emb_act)), emb_act)
         for up, (res1, res2), skip in zip(self.ups, self.up_blocks, reversed(skips), strict=True):

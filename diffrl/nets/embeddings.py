@@ -11,8 +11,8 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
+from diffrl.nets.activations import Mish, mish
 from diffrl.nets.checks import check_shape
 
 
@@ -72,7 +72,7 @@ class TimeMLP(nn.Module):
         self.fc2 = nn.Linear(2 * out_dim, out_dim)
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.fc2(F.mish(self.fc1(self.features(t))))
+        return self.fc2(mish(self.fc1(self.features(t))))
 
 
 class NullCondition(nn.Module):
@@ -102,7 +102,7 @@ class ConditionEncoder(nn.Module):
         if cond_dim <= 0:
             raise ValueError(f"ConditionEncoder needs cond_dim > 0, got {cond_dim}")
         self.cond_dim = cond_dim
-        self.mlp = nn.Sequential(nn.Linear(cond_dim, hidden), nn.Mish(), nn.Linear(hidden, embed_dim))
+        self.mlp = nn.Sequential(nn.Linear(cond_dim, hidden), Mish(), nn.Linear(hidden, embed_dim))
         self.null = NullCondition(embed_dim, drop_prob)
 
     def forward(self, cond: Tensor | None, batch_size: int) -> Tensor:

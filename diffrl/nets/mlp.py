@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
+from diffrl.nets.activations import ACTIVATIONS
 from diffrl.nets.checks import check_shape
 from diffrl.nets.embeddings import NullCondition, TimeMLP, broadcast_time
-
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "mish": F.mish,
-    "relu": F.relu,
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "tanh": torch.tanh,
-}
 
 
 class ResidualMLP(nn.Module):

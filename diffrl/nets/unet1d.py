@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
+from diffrl.nets.activations import Mish, mish
 from diffrl.nets.checks import check_shape
 from diffrl.nets.conv_unet import DownPath, UNetCore, pad_to_multiple
 from diffrl.nets.embeddings import ConditionEncoder, TimeCondEmbedding
@@ -75,12 +75,12 @@ class TemporalValueNet1D(nn.Module):
         self.encoder = DownPath(x_dim, tuple(dims), time_dim, nd=1, kernel_size=kernel_size)
         bottom_len = -(-horizon // self.encoder.multiple)
         self.head = nn.Sequential(
-            nn.Linear(dims[-1] * bottom_len + time_dim, hidden), nn.Mish(), nn.Linear(hidden, 1)
+            nn.Linear(dims[-1] * bottom_len + time_dim, hidden), Mish(), nn.Linear(hidden, 1)
         )
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         check_shape(x_t, (None, self.horizon, self.x_dim), "x_t")
         emb = self.embed(t, cond, x_t.shape[0])
         x = pad_to_multiple(x_t.transpose(1, 2), self.encoder.multiple, nd=1)
-        h, _ = self.encoder(x, F.mish(emb))
+        h, _ = self.encoder(x, mish(emb))
         return self.head(torch.cat([h.flatten(1), emb], dim=1)).squeeze(-1)
