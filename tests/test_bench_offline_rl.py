@@ -31,7 +31,7 @@ def test_table_log_append_and_report(bench, tmp_path, capsys):
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert sorted(r["agent"] for r in runs) == ["diffusion_ql", "qgpo"]
     by_agent = {r["agent"]: r for r in runs}
-    assert by_agent["diffusion_ql"]["config"]["selection"] == "none"
+    assert by_agent["diffusion_ql"]["config"]["selection"] == "softmax"
     assert by_agent["qgpo"]["config"]["guidance_scale"] == 2.0
     assert all(r["steps"] == 4 and r["curve"][-1]["step"] == 4 and r["steps_per_sec"] > 0 for r in runs)
     assert (tmp_path / "offline_rl_curves.png").stat().st_size > 0
