@@ -2,7 +2,7 @@
 update (its actor and critics are Mish MLPs).
 
 Both are timed in the same process: the activation on a (256, 256) batch forward and forward+backward, then the
-median time of a Diffusion-QL update on hopper-medium with each activation swapped into the shared table. Prints
+median time of a Diffusion-QL update on hopper-medium with each activation in every net of the agent. Prints
 times and speed-up ratios and writes them to ``results/bench_activations.txt``.
 
     OMP_NUM_THREADS=1 python scripts/bench_activations.py
@@ -11,16 +11,23 @@ times and speed-up ratios and writes them to ``results/bench_activations.txt``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from diffrl.nets import activations
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_offline_rl import make_config  # noqa: E402
+
+from agents import AGENTS  # noqa: E402
+from diffrl.nets import activations, embeddings  # noqa: E402
+from envs import load_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,19 +52,24 @@ def activation_times(fn: Callable, repeats: int) -> tuple[float, float]:
     return forward, backward
 
 
+@contextmanager
+def mish_everywhere(fn: Callable) -> Iterator[None]:
+    """Nets built inside the block use ``fn`` for Mish: the MLP/critic activation table and the time embedding."""
+    saved = activations.ACTIVATIONS["mish"], embeddings.mish
+    activations.ACTIVATIONS["mish"] = embeddings.mish = fn
+    try:
+        yield
+    finally:
+        activations.ACTIVATIONS["mish"], embeddings.mish = saved
+
+
 def update_time(dataset, repeats: int) -> float:
-    """Median microseconds of one Diffusion-QL update (agent built after the activation table was set)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from train_offline_rl import make_config
-
-    from agents import AGENTS
-
+    """Median microseconds of one Diffusion-QL update."""
     _, agent_cls = AGENTS["diffusion_ql"]
     torch.manual_seed(0)
     agent = agent_cls.from_dataset(dataset, make_config("diffusion_ql", steps=repeats))
-    batches = [dataset.sample(256) for _ in range(8)]
-    it = iter(range(10**9))
-    return median_us(lambda: agent.update(batches[next(it) % len(batches)]), repeats, warmup=5)
+    batches = itertools.cycle([dataset.sample(256) for _ in range(8)])
+    return median_us(lambda: agent.update(next(batches)), repeats, warmup=5)
 
 
 def main() -> None:
@@ -67,15 +79,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_activations.txt")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from envs import load_dataset
-
     dataset = load_dataset(args.dataset)
-    fast = activations.ACTIVATIONS["mish"]
     rows = {}
-    for label, fn in (("F.mish", F.mish), ("diffrl mish", fast)):
-        activations.ACTIVATIONS["mish"] = fn
-        rows[label] = (*activation_times(fn, args.repeats * 10), update_time(dataset, args.repeats))
-    activations.ACTIVATIONS["mish"] = fast
+    for label, fn in (("F.mish", F.mish), ("diffrl mish", activations.mish)):
+        with mish_everywhere(fn):
+            rows[label] = (*activation_times(fn, args.repeats * 10), update_time(dataset, args.repeats))
     lines = [f"{'':14}{'forward us':>12}{'fwd+bwd us':>12}{'DQL update ms':>15}   (256x256 batch, 1 thread)"]
     for label, (fw, fb, up) in rows.items():
         lines.append(f"{label:14}{fw:12.1f}{fb:12.1f}{up / 1e3:15.1f}")
