@@ -1,8 +1,9 @@
 """Offline RL at a fixed gradient-step budget: Diffusion-QL, QGPO and IDQL against DiffusionBC and d3rlpy's IQL and
 TD3+BC, on the D4RL-layout datasets in ../shared/datasets (found by name), all in the same run.
 
-Prints one table of D4RL-normalised scores (mean and standard error over seeds, last evaluation), the training
-throughput (gradient steps per second, evaluation excluded) per agent, and saves learning curves to
+Prints D4RL-normalised scores (mean and standard error over seeds, of the last evaluation and, with
+``--eval-every``, of the mean of each run's last three evaluations), the training throughput (gradient steps per
+second, evaluation excluded) per agent, and saves learning curves to
 ``<out>/offline_rl_curves.png`` and every run (curve, throughput, agent settings) to ``<out>/runs.jsonl``; with
 ``--append`` the runs already logged there for other datasets, agents or seeds stay in the table. The d3rlpy columns
 run in their own virtual environment (``--d3rlpy-python``, default ../d3rlpy-venv) through
@@ -42,6 +43,7 @@ DATASETS = ("hopper-medium", "hopper-medium-replay", "halfcheetah-medium", "half
 OURS = ("diffusion_ql", "qgpo", "idql", "diffusion_bc")
 D3RLPY = ("iql", "td3bc")
 D3RLPY_LABEL = {"iql": "d3rlpy IQL", "td3bc": "d3rlpy TD3+BC"}
+LAST_EVALS = 3
 
 
 def bench_overrides(kind: str, dataset, steps: int) -> dict:
@@ -91,9 +93,11 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return float(x.mean()), (float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0)
 
 
-def print_tables(results: dict, labels: dict[str, str], datasets: list[str]) -> None:
+def print_scores(results: dict, labels: dict[str, str], datasets: list[str], last: int) -> None:
+    """Score table: per run the mean of its last ``last`` evaluations, then mean ± standard error over seeds."""
     width = max(len(v) for v in labels.values()) + 2
-    print("\nD4RL-normalised score at the end of the budget (mean ± standard error over seeds)")
+    what = "at the end of the budget" if last == 1 else f"averaged over each run's last {last} evaluations"
+    print(f"\nD4RL-normalised score {what} (mean ± standard error over seeds)")
     print(f"{'agent':<{width}}" + "".join(f"{d:>28}" for d in datasets))
     for key, label in labels.items():
         cells = []
@@ -102,9 +106,19 @@ def print_tables(results: dict, labels: dict[str, str], datasets: list[str]) -> 
             if not runs:
                 cells.append(f"{'-':>28}")
                 continue
-            m, se = mean_se([r["curve"][-1]["normalized"] for r in runs])
+            m, se = mean_se([np.mean([p["normalized"] for p in r["curve"][-last:]]) for r in runs])
             cells.append(f"{f'{m:.1f} ± {se:.1f}':>28}")
         print(f"{label:<{width}}" + "".join(cells))
+
+
+def print_tables(results: dict, labels: dict[str, str], datasets: list[str]) -> None:
+    """Scores at the end of the budget, over each run's last ``LAST_EVALS`` evaluations when all runs have as many
+    (less noisy than one evaluation), and throughput."""
+    print_scores(results, labels, datasets, 1)
+    runs = [r for by_agent in results.values() for agent_runs in by_agent.values() for r in agent_runs]
+    if all(len(r["curve"]) >= LAST_EVALS for r in runs):
+        print_scores(results, labels, datasets, LAST_EVALS)
+    width = max(len(v) for v in labels.values()) + 2
     print("\nTraining throughput (gradient steps / s, batch 256, 1 thread, evaluation excluded; mean over runs)")
     for key, label in labels.items():
         rates = [r["steps_per_sec"] for d in datasets for r in results.get(d, {}).get(key, [])]
@@ -197,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def report(runs: list[dict], out: Path) -> None:
     """The score and throughput tables and the learning-curve plot of all ``runs``."""
+    if not runs:
+        raise SystemExit(f"no runs logged in {out / 'runs.jsonl'}")
     budgets = sorted({r["steps"] for r in runs})
     if len(budgets) > 1:
         print(f"warning: the table mixes runs of different budgets {budgets}")
