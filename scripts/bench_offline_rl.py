@@ -132,7 +132,7 @@ def plot_curves(results: dict, labels: dict[str, str], datasets: list[str], path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.8), squeeze=False)
     for ax, d in zip(axes[0], datasets, strict=True):
         for key, label in labels.items():
             runs = results.get(d, {}).get(key)
@@ -144,8 +144,10 @@ def plot_curves(results: dict, labels: dict[str, str], datasets: list[str], path
             se = scores.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
             ax.errorbar(steps, mean, yerr=se, marker="o", capsize=3, label=label)
         ax.set(title=d, xlabel="gradient steps", ylabel="normalised score")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, names = axes[0][0].get_legend_handles_labels()
+    columns = min(len(names), 2 * len(datasets))
+    fig.legend(handles, names, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 + 0.05 * -(-len(names) // columns), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
