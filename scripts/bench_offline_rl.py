@@ -93,9 +93,8 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return float(x.mean()), (float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0)
 
 
-def print_scores(results: dict, labels: dict[str, str], datasets: list[str], last: int) -> None:
+def print_scores(results: dict, labels: dict[str, str], datasets: list[str], last: int, width: int) -> None:
     """Score table: per run the mean of its last ``last`` evaluations, then mean ± standard error over seeds."""
-    width = max(len(v) for v in labels.values()) + 2
     what = "at the end of the budget" if last == 1 else f"averaged over each run's last {last} evaluations"
     print(f"\nD4RL-normalised score {what} (mean ± standard error over seeds)")
     print(f"{'agent':<{width}}" + "".join(f"{d:>28}" for d in datasets))
@@ -114,11 +113,11 @@ def print_scores(results: dict, labels: dict[str, str], datasets: list[str], las
 def print_tables(results: dict, labels: dict[str, str], datasets: list[str]) -> None:
     """Scores at the end of the budget, over each run's last ``LAST_EVALS`` evaluations when all runs have as many
     (less noisy than one evaluation), and throughput."""
-    print_scores(results, labels, datasets, 1)
+    width = max(len(v) for v in labels.values()) + 2
+    print_scores(results, labels, datasets, 1, width)
     runs = [r for by_agent in results.values() for agent_runs in by_agent.values() for r in agent_runs]
     if all(len(r["curve"]) >= LAST_EVALS for r in runs):
-        print_scores(results, labels, datasets, LAST_EVALS)
-    width = max(len(v) for v in labels.values()) + 2
+        print_scores(results, labels, datasets, LAST_EVALS, width)
     print("\nTraining throughput (gradient steps / s, batch 256, 1 thread, evaluation excluded; mean over runs)")
     for key, label in labels.items():
         rates = [r["steps_per_sec"] for d in datasets for r in results.get(d, {}).get(key, [])]
