@@ -1,5 +1,5 @@
-"""Offline RL at a fixed gradient-step budget: Diffusion-QL, QGPO and IDQL against DiffusionBC and d3rlpy's IQL and
-TD3+BC, on the D4RL-layout datasets in ../shared/datasets (found by name), all in the same run.
+"""Offline RL at a fixed gradient-step budget: Diffusion-QL, QGPO and IDQL against DiffusionBC and d3rlpy's IQL,
+TD3+BC and deterministic BC, on the D4RL-layout datasets in ../shared/datasets (found by name), all in the same run.
 
 Prints D4RL-normalised scores (mean and standard error over seeds, of the last evaluation and, with
 ``--eval-every``, of the mean of each run's last three evaluations), the training throughput (gradient steps per
@@ -41,8 +41,8 @@ RESULTS = ROOT / "results"
 D3RLPY_PYTHON = ROOT.parent / "d3rlpy-venv" / "bin" / "python"
 DATASETS = ("hopper-medium", "hopper-medium-replay", "halfcheetah-medium", "halfcheetah-medium-replay")
 OURS = ("diffusion_ql", "qgpo", "idql", "diffusion_bc")
-D3RLPY = ("iql", "td3bc")
-D3RLPY_LABEL = {"iql": "d3rlpy IQL", "td3bc": "d3rlpy TD3+BC"}
+D3RLPY = ("iql", "td3bc", "bc")
+D3RLPY_LABEL = {"iql": "d3rlpy IQL", "td3bc": "d3rlpy TD3+BC", "bc": "d3rlpy BC (deterministic)"}
 LAST_EVALS = 3
 
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--agents", nargs="+", default=list(OURS) + list(D3RLPY),
-                        help=f"any of {', '.join(OURS + D3RLPY)} (iql / td3bc are d3rlpy's)")
+                        help=f"any of {', '.join(OURS + D3RLPY)} (iql / td3bc / bc are d3rlpy's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=20_000, help="gradient-step budget of every agent")
     parser.add_argument("--eval-every", type=int, default=0, help="evaluation period (default: only at the end)")
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     for missing in sorted(set(args.agents) - set(agents)):
         print(f"skipping {missing}: not registered in agents.AGENTS")
     if any(a in D3RLPY for a in agents) and not Path(args.d3rlpy_python).exists():
-        print(f"skipping d3rlpy IQL / TD3+BC: no interpreter at {args.d3rlpy_python} (create the venv with "
+        print(f"skipping d3rlpy IQL / TD3+BC / BC: no interpreter at {args.d3rlpy_python} (create the venv with "
               f"`python -m venv {D3RLPY_PYTHON.parents[1]} && {D3RLPY_PYTHON.parent}/pip install torch==2.13.0 "
               "d3rlpy h5py 'gymnasium[mujoco]==1.0.0'`)")
         agents = [a for a in agents if a not in D3RLPY]

@@ -1,4 +1,5 @@
-"""Train a d3rlpy baseline (IQL or TD3+BC) on a D4RL-layout HDF5 file; print one JSON line with the learning curve.
+"""Train a d3rlpy baseline (IQL, TD3+BC or deterministic BC) on a D4RL-layout HDF5 file; print one JSON line with
+the learning curve.
 
 Runs in its own virtual environment (d3rlpy pins gymnasium==1.0.0) and imports only d3rlpy, gymnasium, h5py and
 numpy, never diffrl. scripts/bench_offline_rl.py starts it as a subprocess:
@@ -8,7 +9,8 @@ numpy, never diffrl. scripts/bench_offline_rl.py starts it as a subprocess:
 
 Settings are d3rlpy's reproduction settings for D4RL locomotion: TD3+BC (Fujimoto & Gu 2021) with alpha 2.5 and
 standardised observations; IQL (Kostrikov et al. 2022) with expectile 0.7, temperature 3 and rewards scaled by
-1000 / (max - min episode return). The reported throughput excludes evaluation time.
+1000 / (max - min episode return); BC: a deterministic MLP policy regressed on the dataset actions (mean squared
+error), standardised observations. The reported throughput excludes evaluation time.
 """
 
 from __future__ import annotations
@@ -45,14 +47,17 @@ def make_algo(name: str, seed: int):
         config = d3rlpy.algos.IQLConfig(expectile=0.7, weight_temp=3.0, batch_size=256,
                                         observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
                                         reward_scaler=d3rlpy.preprocessing.ReturnBasedRewardScaler(multiplier=1000.0))
+    elif name == "bc":
+        config = d3rlpy.algos.BCConfig(batch_size=256,
+                                       observation_scaler=d3rlpy.preprocessing.StandardObservationScaler())
     else:
-        raise SystemExit(f"unknown algorithm {name!r}; choose td3bc or iql")
+        raise SystemExit(f"unknown algorithm {name!r}; choose td3bc, iql or bc")
     return config.create(device="cpu:0")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algo", required=True, choices=["td3bc", "iql"])
+    parser.add_argument("--algo", required=True, choices=["td3bc", "iql", "bc"])
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--eval-every", type=int, default=0, help="default: only at the end")
