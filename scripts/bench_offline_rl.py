@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--agents", nargs="+", default=list(OURS) + list(D3RLPY),
-                        help=f"any of {', '.join(OURS + D3RLPY)} (iql / td3bc / bc are d3rlpy's)")
+                        help=f"any of {', '.join(OURS + D3RLPY)} ({' / '.join(D3RLPY)} are d3rlpy's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=20_000, help="gradient-step budget of every agent")
     parser.add_argument("--eval-every", type=int, default=0, help="evaluation period (default: only at the end)")
@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     for missing in sorted(set(args.agents) - set(agents)):
         print(f"skipping {missing}: not registered in agents.AGENTS")
     if any(a in D3RLPY for a in agents) and not Path(args.d3rlpy_python).exists():
-        print(f"skipping d3rlpy IQL / TD3+BC / BC: no interpreter at {args.d3rlpy_python} (create the venv with "
-              f"`python -m venv {D3RLPY_PYTHON.parents[1]} && {D3RLPY_PYTHON.parent}/pip install torch==2.13.0 "
-              "d3rlpy h5py 'gymnasium[mujoco]==1.0.0'`)")
+        print(f"skipping {', '.join(D3RLPY_LABEL.values())}: no interpreter at {args.d3rlpy_python} "
+              f"(create the venv with `python -m venv {D3RLPY_PYTHON.parents[1]} && {D3RLPY_PYTHON.parent}/pip "
+              "install torch==2.13.0 d3rlpy h5py 'gymnasium[mujoco]==1.0.0'`)")
         agents = [a for a in agents if a not in D3RLPY]
     print(f"budget: {args.steps} gradient steps per agent (batch 256), seeds {args.seeds}, "
           f"{args.eval_episodes} evaluation episodes every {args.eval_every or args.steps} steps")

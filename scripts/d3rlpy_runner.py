@@ -38,26 +38,26 @@ def load(path: str) -> tuple[d3rlpy.dataset.MDPDataset, dict]:
     return dataset, attrs
 
 
+def algo_configs() -> dict:
+    """d3rlpy config of each baseline by name (the ``--algo`` choices)."""
+    scaler = d3rlpy.preprocessing.StandardObservationScaler
+    return {
+        "td3bc": lambda: d3rlpy.algos.TD3PlusBCConfig(alpha=2.5, batch_size=256, observation_scaler=scaler()),
+        "iql": lambda: d3rlpy.algos.IQLConfig(
+            expectile=0.7, weight_temp=3.0, batch_size=256, observation_scaler=scaler(),
+            reward_scaler=d3rlpy.preprocessing.ReturnBasedRewardScaler(multiplier=1000.0)),
+        "bc": lambda: d3rlpy.algos.BCConfig(batch_size=256, observation_scaler=scaler()),
+    }
+
+
 def make_algo(name: str, seed: int):
     d3rlpy.seed(seed)
-    if name == "td3bc":
-        config = d3rlpy.algos.TD3PlusBCConfig(alpha=2.5, batch_size=256,
-                                              observation_scaler=d3rlpy.preprocessing.StandardObservationScaler())
-    elif name == "iql":
-        config = d3rlpy.algos.IQLConfig(expectile=0.7, weight_temp=3.0, batch_size=256,
-                                        observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
-                                        reward_scaler=d3rlpy.preprocessing.ReturnBasedRewardScaler(multiplier=1000.0))
-    elif name == "bc":
-        config = d3rlpy.algos.BCConfig(batch_size=256,
-                                       observation_scaler=d3rlpy.preprocessing.StandardObservationScaler())
-    else:
-        raise SystemExit(f"unknown algorithm {name!r}; choose td3bc, iql or bc")
-    return config.create(device="cpu:0")
+    return algo_configs()[name]().create(device="cpu:0")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algo", required=True, choices=["td3bc", "iql", "bc"])
+    parser.add_argument("--algo", required=True, choices=sorted(algo_configs()))
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--eval-every", type=int, default=0, help="default: only at the end")
