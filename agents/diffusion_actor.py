@@ -1,8 +1,8 @@
 """The diffusion actor shared by DiffusionBC and DiffusionPolicy: observation history in, sampled actions out.
 
 The denoiser models the action (chunk) ``x`` given ``cond`` = the flattened normalised observation history.
-Sampling runs through a precomputed :class:`~diffrl.solvers.SamplingPlan` when the solver has one (the
-low-latency path for control loops) and through ``solver.sample`` otherwise; both give the same actions.
+Sampling goes through ``DiffusionModel.sample``, which uses a precomputed :class:`~diffrl.solvers.SamplingPlan`
+when the solver has one (the low-latency path for control loops).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from diffrl.nets import ResidualMLP
 from diffrl.nets.transformer import DiT1D
 from diffrl.nets.unet1d import TemporalUNet1D
 from diffrl.schedules import make_schedule
-from diffrl.solvers import SamplingPlan, make_solver
+from diffrl.solvers import make_solver
 
 #: Backbones by name; "mlp" models the (flattened) chunk as one vector, the others run along the horizon.
 NETS = {"mlp": ResidualMLP, "unet1d": TemporalUNet1D, "dit1d": DiT1D}
@@ -57,7 +57,6 @@ class DiffusionActor(nn.Module):
         self.model = DiffusionModel(denoiser, make_schedule(schedule, **(schedule_kwargs or {})), prediction,
                                     clip_x0=clip_x0)
         self.solver = make_solver(solver, **(solver_kwargs or {}))
-        self._plan: SamplingPlan | None | bool = False  # False: not built yet
 
     def export_config(self) -> dict[str, Any]:
         return dict(self._config)
@@ -84,13 +83,8 @@ class DiffusionActor(nn.Module):
     def sample_chunk(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Whole sampled chunks (B, horizon, act_dim) for normalised observation histories."""
         cond = self.cond(obs)
-        x_T = self.model.schedule.prior((obs.shape[0], *self.x_shape), generator=generator, device=obs.device)
-        if self._plan is False:
-            self._plan = SamplingPlan.build(self.model, self.solver, self.steps)
-        if self._plan is not None:
-            x = self._plan(x_T, cond, generator)
-        else:
-            x = self.solver.sample(self.model, x_T, cond, steps=self.steps, generator=generator)
+        x = self.model.sample((obs.shape[0], *self.x_shape), cond, solver=self.solver, steps=self.steps,
+                              generator=generator)
         return x.reshape(obs.shape[0], self.horizon, self.act_dim)
 
     def forward(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:

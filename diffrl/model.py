@@ -11,7 +11,7 @@ from diffrl.guidance import Guidance, as_guidance
 from diffrl.losses import Weighting, denoising_loss, uniform_weighting
 from diffrl.predictions import Prediction, make_prediction
 from diffrl.schedules import NoiseSchedule, expand_like
-from diffrl.solvers import Solver, make_solver
+from diffrl.solvers import SamplingPlan, Solver, make_solver
 
 
 class DiffusionModel(nn.Module):
@@ -66,5 +66,24 @@ class DiffusionModel(nn.Module):
         device, dtype = (param.device, param.dtype) if param is not None else (None, None)
         if x_T is None:
             x_T = self.schedule.prior(tuple(shape), generator=generator, device=device, dtype=dtype)
+        plan = self.sampling_plan(solver, steps) if guidance is None else None
+        if plan is not None:
+            with torch.set_grad_enabled(grad):
+                return plan(x_T, cond, generator)
         return solver.sample(self, x_T, cond, steps=steps, guidance=as_guidance(guidance), generator=generator,
                              grad=grad)
+
+    def sampling_plan(self, solver: Solver, steps: int) -> SamplingPlan | None:
+        """The precomputed run of ``solver`` over ``steps`` grid points (None where it has no affine form).
+
+        Unguided :meth:`sample` calls go through it: the same samples and random draws as ``solver.sample`` with
+        the per-step schedule arithmetic done once. The last plan is kept for the same kind of solver (class and
+        settings), steps and device.
+        """
+        param = next(self.parameters(), None)
+        key = (type(solver), dict(vars(solver)), steps, param.device if param is not None else None)
+        cached = self.__dict__.get("_plan")
+        if cached is None or cached[0] != key:
+            cached = (key, SamplingPlan.build(self, solver, steps))
+            self.__dict__["_plan"] = cached
+        return cached[1]

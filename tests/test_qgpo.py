@@ -42,7 +42,7 @@ def test_guidance_scale_zero_is_the_behaviour_sampler():
     agent.behavior.clip_x0 = None
     plain = agent.behavior.sample((6, 2), obs, solver=DPMSolverPP(), steps=SMALL["sample_steps"],
                                   generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(guided(0.0), plain, rtol=0, atol=0)
+    torch.testing.assert_close(guided(0.0), plain, rtol=1e-5, atol=1e-5)  # plain runs the precomputed plan
     assert (guided(5.0) - plain).abs().max() > 1e-4
 
 

@@ -45,3 +45,26 @@ def test_plan_draws_fresh_noise_per_call_and_is_seeded():
     a, b = plan(x_T, None, g), plan(x_T, None, g)
     assert not torch.allclose(a, b)
     assert torch.equal(a, plan(x_T, None, torch.Generator().manual_seed(3)))
+
+
+def test_model_sample_uses_one_cached_plan_per_solver_kind_and_keeps_gradients():
+    torch.manual_seed(0)
+    model = DiffusionModel(ResidualMLP(3, 4, hidden=32, depth=2), DiscreteVP.vp(5), clip_x0=1.0)
+    assert model.sampling_plan(DDPM(), 5) is model.sampling_plan(DDPM(), 5)
+    assert model.sampling_plan(DDIM(), 5) is not model.sampling_plan(DDPM(), 5)
+    assert model.sampling_plan(Heun(), 5) is None
+    cond, x_T = torch.randn(6, 4), torch.randn(6, 3)
+
+    def run_and_grads(sample):
+        model.zero_grad()
+        out = sample(torch.Generator().manual_seed(1))
+        out.pow(2).sum().backward()
+        return out.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+    fast, fast_grads = run_and_grads(lambda g: model.sample(x_T.shape, cond, solver=DDPM(), steps=5, x_T=x_T,
+                                                            grad=True, generator=g))
+    slow, slow_grads = run_and_grads(lambda g: DDPM().sample(model, x_T, cond, steps=5, grad=True, generator=g))
+    assert torch.allclose(fast, slow, atol=1e-5)
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+    assert any(g.abs().sum() > 0 for g in fast_grads)
