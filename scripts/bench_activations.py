@@ -13,16 +13,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_us, report  # noqa: E402
 from train_offline_rl import make_config  # noqa: E402
 
 from agents import AGENTS  # noqa: E402
@@ -30,17 +29,6 @@ from diffrl.nets import activations, embeddings  # noqa: E402
 from envs import load_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def median_us(fn: Callable[[], object], repeats: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e6)
 
 
 def activation_times(fn: Callable, repeats: int) -> tuple[float, float]:
@@ -89,10 +77,7 @@ def main() -> None:
         lines.append(f"{label:14}{fw:12.1f}{fb:12.1f}{up / 1e3:15.1f}")
     ref, new = rows["F.mish"], rows["diffrl mish"]
     lines.append(f"{'speed-up':14}{ref[0] / new[0]:11.2f}x{ref[1] / new[1]:11.2f}x{ref[2] / new[2]:14.2f}x")
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_activations import median_us  # noqa: E402
+from timing import median_us, report  # noqa: E402
 from train_offline_rl import make_config  # noqa: E402
 
 from agents import AGENTS  # noqa: E402
@@ -83,10 +83,7 @@ def main() -> None:
     for name in timed:
         slow, fast = (float(np.median(times[(name, path)])) for path in ("solver", "plan"))
         lines.append(f"{name:22}{slow:18.0f}{fast:12.0f}{slow / fast:9.2f}x")
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":
