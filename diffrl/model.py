@@ -28,6 +28,7 @@ class DiffusionModel(nn.Module):
         self.prediction = make_prediction(prediction)
         self.weighting = weighting
         self.clip_x0 = clip_x0
+        self._plan: tuple | None = None  # (key, SamplingPlan | None) of the last unguided solver run
 
     def forward(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
         return self.denoiser(x_t, t, cond)
@@ -82,8 +83,6 @@ class DiffusionModel(nn.Module):
         """
         param = next(self.parameters(), None)
         key = (type(solver), dict(vars(solver)), steps, param.device if param is not None else None)
-        cached = self.__dict__.get("_plan")
-        if cached is None or cached[0] != key:
-            cached = (key, SamplingPlan.build(self, solver, steps))
-            self.__dict__["_plan"] = cached
-        return cached[1]
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, SamplingPlan.build(self, solver, steps))
+        return self._plan[1]

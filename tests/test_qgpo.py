@@ -40,9 +40,10 @@ def test_guidance_scale_zero_is_the_behaviour_sampler():
         return actor(obs.unsqueeze(1), torch.Generator().manual_seed(5))[:, 0]
 
     agent.behavior.clip_x0 = None
-    plain = agent.behavior.sample((6, 2), obs, solver=DPMSolverPP(), steps=SMALL["sample_steps"],
-                                  generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(guided(0.0), plain, rtol=1e-5, atol=1e-5)  # plain runs the precomputed plan
+    g = torch.Generator().manual_seed(5)
+    x_T = agent.behavior.schedule.prior((6, 2), generator=g)
+    plain = DPMSolverPP().sample(agent.behavior, x_T, obs, steps=SMALL["sample_steps"], generator=g)
+    torch.testing.assert_close(guided(0.0), plain, rtol=0, atol=0)
     assert (guided(5.0) - plain).abs().max() > 1e-4
 
 
