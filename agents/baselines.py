@@ -91,10 +91,10 @@ class GaussianBC(CloningAgent):
                                    c.deterministic)
         self.learner = self.make_learner(self.actor, ema=False)
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
         actions, obs = self.prepare(batch)
         loss = -self.actor.log_prob(obs, actions).mean()
-        return {"loss": loss.item(), **self.learner.step(loss)}
+        return {"loss": loss.detach(), **self.learner.step(loss)}
 
     def policy_actor(self, deterministic: bool | None = None) -> GaussianActor:
         """A copy of the actor; ``deterministic`` overrides acting with the mean."""

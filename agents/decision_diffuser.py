@@ -144,22 +144,23 @@ class DecisionDiffuser(PlannerAgent):
         self.inverse_dynamics_learner = self._learn("inverse_dynamics", config.inverse_dynamics_lr)
 
     @classmethod
-    def from_dataset(cls, dataset: OfflineDataset, config: DecisionDiffuserConfig) -> DecisionDiffuser:
+    def from_dataset(cls, dataset: OfflineDataset, config: DecisionDiffuserConfig,
+                     device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DecisionDiffuser:
         """Dimensions and normalisers (z-scored states and actions, min-max returns-to-go) from ``dataset``."""
         returns = with_termination_penalty(dataset, config.termination_penalty).returns_to_go(config.discount)
         low, high = returns.min(), returns.max()
         return cls(config, dataset.obs_dim, dataset.act_dim, dataset.normalizer("observations"),
-                   dataset.normalizer("actions"), Normalizer(low, (high - low).clamp_min(1e-6)))
+                   dataset.normalizer("actions"), Normalizer(low, (high - low).clamp_min(1e-6))).to(device, dtype)
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
         """One step on the return-conditioned denoising loss and one on the inverse-dynamics regression."""
         obs, act = self._normalize_obs_and_actions(batch)
         returns = self.return_normalizer.normalize(batch["returns_to_go"][:, :1])
         loss = inpainted_denoising_loss(self.nets.model, obs, state_inpainting(obs, obs[:, 0]), returns)
-        metrics = {"diffusion_loss": loss.item(), **{f"diffusion_{k}": v for k, v in self.learner.step(loss).items()}}
+        metrics = {"diffusion_loss": loss.detach(), **{f"diffusion_{k}": v for k, v in self.learner.step(loss).items()}}
         valid = batch["mask"][:, 1:]
         predicted = self.nets.inverse_dynamics(obs[:, :-1][valid], obs[:, 1:][valid])
         id_loss = F.mse_loss(predicted, act[:, :-1][valid])
-        metrics["inverse_dynamics_loss"] = id_loss.item()
+        metrics["inverse_dynamics_loss"] = id_loss.detach()
         metrics.update({f"inverse_dynamics_{k}": v for k, v in self.inverse_dynamics_learner.step(id_loss).items()})
         return metrics

@@ -175,24 +175,25 @@ class Diffuser(PlannerAgent):
         self._loss_weights = weights
 
     @classmethod
-    def from_dataset(cls, dataset: OfflineDataset, config: DiffuserConfig) -> Diffuser:
+    def from_dataset(cls, dataset: OfflineDataset, config: DiffuserConfig, device: str | torch.device | None = None,
+                     dtype: torch.dtype | None = None) -> Diffuser:
         """Dimensions and normalisers (states, actions, discounted penalised returns-to-go) from ``dataset``."""
         returns = with_termination_penalty(dataset, config.termination_penalty).returns_to_go(config.discount)
         return cls(config, dataset.obs_dim, dataset.act_dim, dataset.normalizer("observations"),
-                   dataset.normalizer("actions"), Normalizer.fit(returns))
+                   dataset.normalizer("actions"), Normalizer.fit(returns)).to(device, dtype)
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
         """One step on the inpainted denoising loss and, with a return model, one on its regression loss."""
         x0 = torch.cat(self._normalize_obs_and_actions(batch), dim=-1)
         d = self.obs_dim
         held = state_inpainting(x0, x0[:, 0, :d], x0[:, -1, :d] if self.config.goal_conditioned else None)
         loss = inpainted_denoising_loss(self.nets.model, x0, held, weights=self._loss_weights)
-        metrics = {"diffusion_loss": loss.item(), **{f"diffusion_{k}": v for k, v in self.learner.step(loss).items()}}
+        metrics = {"diffusion_loss": loss.detach(), **{f"diffusion_{k}": v for k, v in self.learner.step(loss).items()}}
         if self.value_learner is not None:
             target = self.return_normalizer.normalize(batch["returns_to_go"][:, 0])
             x_t, t, _ = noisy_inputs(self.nets.model, x0, held)
             value_loss = F.mse_loss(self.nets.value(x_t, t), target)
-            metrics["value_loss"] = value_loss.item()
+            metrics["value_loss"] = value_loss.detach()
             metrics.update({f"value_{k}": v for k, v in self.value_learner.step(value_loss).items()})
         return metrics
 

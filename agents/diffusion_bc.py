@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from agents.base import TorchAgent
 from agents.diffusion_actor import DiffusionActor
 from agents.policy import Policy
 from diffrl.training import Learner
@@ -68,7 +69,7 @@ class DiffusionBCConfig:
     ema_every: int = 5
 
 
-class CloningAgent:
+class CloningAgent(TorchAgent):
     """Behaviour-cloning plumbing shared with the baselines: dimensions, normalisers, batch preparation, the policy
     and the state dict. Subclasses create ``self.actor`` (a Policy actor module) and ``self.learner``, and implement
     ``update`` and ``policy_actor``."""
@@ -86,10 +87,12 @@ class CloningAgent:
         self.action_normalizer = action_normalizer if action_normalizer is not None else Normalizer.identity(act_dim)
 
     @classmethod
-    def from_dataset(cls, dataset: Any, config: Any) -> CloningAgent:
-        """Dimensions from ``dataset``; z-scored observations, actions scaled from [min, max] to [-1, 1]."""
+    def from_dataset(cls, dataset: Any, config: Any, device: str | torch.device | None = None,
+                     dtype: torch.dtype | None = None) -> CloningAgent:
+        """Dimensions from ``dataset``; z-scored observations, actions scaled from [min, max] to [-1, 1]; on
+        ``device``."""
         return cls(config, dataset.obs_dim, dataset.act_dim, dataset.normalizer("observations"),
-                   minmax_normalizer(dataset.actions))
+                   minmax_normalizer(dataset.actions)).to(device, dtype)
 
     def make_learner(self, module: torch.nn.Module, ema: bool = True) -> Learner:
         """The Learner of ``module`` from the config's optimisation fields."""
@@ -112,13 +115,14 @@ class CloningAgent:
         """A snapshot of the actor for the policy (``overrides``: sampling settings)."""
         raise NotImplementedError
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
         raise NotImplementedError
 
     def policy(self, seed: int | None = None, **overrides: Any) -> Policy:
         """The controller-facing policy around a snapshot of the actor."""
         return Policy(self.policy_actor(**overrides), self.obs_normalizer, self.action_normalizer, seed=seed,
-                      obs_dim=self.obs_dim, act_dim=self.act_dim, **self.policy_settings())
+                      obs_dim=self.obs_dim, act_dim=self.act_dim, device=self.device, dtype=self.dtype,
+                      **self.policy_settings())
 
     def state_dict(self) -> dict:
         return {
@@ -133,8 +137,8 @@ class CloningAgent:
 
         self.actor.load_state_dict(state["actor"])
         self.learner.load_state_dict(state["learner"])
-        self.obs_normalizer = Normalizer.from_state_dict(state["obs_normalizer"])
-        self.action_normalizer = Normalizer.from_state_dict(state["action_normalizer"])
+        self.obs_normalizer = Normalizer.from_state_dict(state["obs_normalizer"]).to(self.device, self.dtype)
+        self.action_normalizer = Normalizer.from_state_dict(state["action_normalizer"]).to(self.device, self.dtype)
 
 
 class DiffusionBC(CloningAgent):
@@ -156,11 +160,11 @@ class DiffusionBC(CloningAgent):
                                                                          c.num_train_steps),
                     prediction=c.prediction, clip_x0=1.0, solver=c.solver, steps=c.steps)
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
         x0, obs = self.prepare(batch)
         self.actor.train()
         loss = self.actor.model.loss(x0.reshape(x0.shape[0], *self.actor.x_shape), self.actor.cond(obs))
-        return {"loss": loss.item(), **self.learner.step(loss)}
+        return {"loss": loss.detach(), **self.learner.step(loss)}
 
     def policy_actor(self, **overrides: Any) -> DiffusionActor:
         """The actor with the EMA weights; ``overrides``: solver, solver_kwargs, steps, clip_x0."""

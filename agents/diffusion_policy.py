@@ -80,24 +80,26 @@ class WindowSampler:
         self.sequences = dataset.sequences(horizon, pad=True)
         self.horizon, self.shifts = horizon, n_obs_steps - 1
         episode = self.sequences.episode_index
-        first = torch.ones(len(episode), dtype=torch.bool)
+        first = torch.ones(len(episode), dtype=torch.bool, device=episode.device)
         first[1:] = episode[1:] != episode[:-1]
         self.first_windows = torch.nonzero(first).squeeze(1)
+        self._steps = torch.arange(horizon, device=episode.device)
 
     def __len__(self) -> int:
         return len(self.sequences) + self.shifts * len(self.first_windows)
 
     def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        idx = torch.randint(0, len(self), (batch_size,), generator=generator)
+        device = self.first_windows.device
+        idx = torch.randint(0, len(self), (batch_size,), generator=generator, device=device)
         shift = torch.zeros_like(idx)
-        extra = idx - len(self.sequences)
-        shifted = extra >= 0
-        if shifted.any():
-            shift[shifted] = extra[shifted] % self.shifts + 1
-            idx[shifted] = self.first_windows[extra[shifted] // self.shifts]
+        if self.shifts:  # no data-dependent branch: nothing is read back from the device
+            extra = (idx - len(self.sequences)).clamp_min(0)
+            shifted = idx >= len(self.sequences)
+            shift = torch.where(shifted, extra % self.shifts + 1, shift)
+            idx = torch.where(shifted, self.first_windows[extra // self.shifts], idx)
         batch = self.sequences[idx]
-        pos = (torch.arange(self.horizon) - shift[:, None]).clamp_min(0)
-        rows = torch.arange(batch_size)[:, None]
+        pos = (self._steps - shift[:, None]).clamp_min(0)
+        rows = torch.arange(batch_size, device=device)[:, None]
         return {k: v[rows, pos] for k, v in batch.items()}
 
 

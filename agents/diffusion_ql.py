@@ -129,7 +129,7 @@ class DiffusionQL(OfflineRLAgent):
         return model.sample((obs.shape[0], self.act_dim), obs, solver=self.solver, steps=self.config.diffusion_steps,
                             grad=grad)
 
-    def actor_loss(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def actor_loss(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """BC denoising loss - eta * Q(s, a_pi) / mean |Q'(s, a_pi)|, with a_pi sampled through the chain.
 
         One ensemble member (chosen at random) is maximised and the other's mean |Q| normalises the scale, as in
@@ -141,9 +141,9 @@ class DiffusionQL(OfflineRLAgent):
             q = self.critic(obs, new_actions)
         i = int(torch.randint(2, ()))
         q_loss = -q[i].mean() / q[1 - i].abs().mean().detach()
-        return bc_loss + self.config.eta * q_loss, {"bc_loss": bc_loss.item(), "q_loss": q_loss.item()}
+        return bc_loss + self.config.eta * q_loss, {"bc_loss": bc_loss.detach(), "q_loss": q_loss.detach()}
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
         b = self.prepare(batch)
         c = self.config
         with torch.no_grad():
@@ -154,8 +154,8 @@ class DiffusionQL(OfflineRLAgent):
         actor_loss, actor_info = self.actor_loss(b["obs"], b["actions"])
         step_info = self.actor_learner.step(actor_loss)
         self.critic.update_target(c.tau)
-        return {"critic_loss": critic_loss.item(), "actor_loss": actor_loss.item(), **actor_info,
-                "q_mean": q_values.mean().item(), "critic_grad_norm": critic_info["grad_norm"],
+        return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), **actor_info,
+                "q_mean": q_values.mean().detach(), "critic_grad_norm": critic_info["grad_norm"],
                 "actor_grad_norm": step_info["grad_norm"], "lr": step_info["lr"]}
 
     def build_actor(self, **overrides: Any) -> DiffusionQLActor:

@@ -130,7 +130,7 @@ class IDQL(OfflineRLAgent):
         self.modules = {"actor": self.actor, "critic": self.critic, "value": self.value}
         self.learners = {"actor": self.actor_learner, "critic": self.critic_learner, "value": self.value_learner}
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
         b = self.prepare(batch)
         c = self.config
         value_loss = iql_value_loss(self.value(b["obs"]), self.critic.target_min(b["obs"], b["actions"]), c.expectile)
@@ -143,8 +143,8 @@ class IDQL(OfflineRLAgent):
         self.critic.update_target(c.tau)
         bc_loss = self.actor.loss(b["actions"], b["obs"])
         info = self.actor_learner.step(bc_loss)
-        return {"value_loss": value_loss.item(), "critic_loss": critic_loss.item(), "bc_loss": bc_loss.item(),
-                "q_mean": q_values.mean().item(), "lr": info["lr"]}
+        return {"value_loss": value_loss.detach(), "critic_loss": critic_loss.detach(), "bc_loss": bc_loss.detach(),
+                "q_mean": q_values.mean().detach(), "lr": info["lr"]}
 
     def build_actor(self, **overrides: Any) -> IDQLActor:
         c = self.config

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from agents.base import TorchAgent
 from diffrl.model import DiffusionModel
 from diffrl.nets import ResidualMLP
 from diffrl.schedules import NoiseSchedule
@@ -68,7 +69,7 @@ def candidate_actions(model: DiffusionModel, obs: Tensor, n: int, act_dim: int, 
     return states, model.sample((states.shape[0], act_dim), states, solver=solver, steps=steps, generator=generator)
 
 
-class OfflineRLAgent:
+class OfflineRLAgent(TorchAgent):
     """Base of the offline-RL agents: holds the dimensions, normalisers and the modules and Learners to save.
 
     Subclasses create their networks and Learners in ``__init__`` (after calling this one), list them in
@@ -88,10 +89,11 @@ class OfflineRLAgent:
         self.learners: dict[str, Learner] = {}
 
     @classmethod
-    def from_dataset(cls, dataset: Any, config: Any) -> OfflineRLAgent:
-        """Dimensions from ``dataset``; z-scored observations and max-abs scaled actions."""
+    def from_dataset(cls, dataset: Any, config: Any, device: str | torch.device | None = None,
+                     dtype: torch.dtype | None = None) -> OfflineRLAgent:
+        """Dimensions from ``dataset``; z-scored observations and max-abs scaled actions; on ``device``."""
         return cls(config, dataset.obs_dim, dataset.act_dim, dataset.normalizer("observations"),
-                   max_abs_normalizer(dataset.actions))
+                   max_abs_normalizer(dataset.actions)).to(device, dtype)
 
     def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Normalised observations and actions, rewards times ``config.reward_scale``, float terminals."""
@@ -107,7 +109,7 @@ class OfflineRLAgent:
             "terminals": batch["terminals"].to(obs.dtype).reshape(-1),
         }
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
         raise NotImplementedError
 
     def build_actor(self, **overrides: Any) -> nn.Module:
@@ -119,7 +121,7 @@ class OfflineRLAgent:
         from agents.policy import Policy
 
         return Policy(self.build_actor(**overrides), self.obs_normalizer, self.action_normalizer, seed=seed,
-                      obs_dim=self.obs_dim, act_dim=self.act_dim)
+                      obs_dim=self.obs_dim, act_dim=self.act_dim, device=self.device, dtype=self.dtype)
 
     def state_dict(self) -> dict:
         return {
@@ -140,8 +142,8 @@ class OfflineRLAgent:
             module.load_state_dict(state["modules"][name])
         for name, learner in self.learners.items():
             learner.load_state_dict(state["learners"][name])
-        self.obs_normalizer = Normalizer.from_state_dict(state["obs_normalizer"])
-        self.action_normalizer = Normalizer.from_state_dict(state["action_normalizer"])
+        self.obs_normalizer = Normalizer.from_state_dict(state["obs_normalizer"]).to(self.device, self.dtype)
+        self.action_normalizer = Normalizer.from_state_dict(state["action_normalizer"]).to(self.device, self.dtype)
 
 
 def actor_settings(defaults: dict[str, Any], overrides: dict[str, Any], kind: str) -> dict[str, Any]:

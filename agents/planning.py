@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from agents.base import TorchAgent
 from agents.policy import Policy
 from diffrl.guidance import Inpainting
 from diffrl.model import DiffusionModel
@@ -38,10 +39,11 @@ def with_termination_penalty(dataset: OfflineDataset, penalty: float) -> Offline
     """``dataset`` with ``penalty`` added to the reward of every terminal transition (Janner et al. 2022)."""
     if not penalty:
         return dataset
-    rewards = dataset.rewards + penalty * dataset.terminals.float()
-    return OfflineDataset(dataset.observations, dataset.actions, rewards, dataset.next_observations,
-                          dataset.terminals, dataset.timeouts, name=dataset.name, env_id=dataset.env_id,
-                          source=dataset.source)
+    rewards = dataset.rewards + penalty * dataset.terminals.to(dataset.rewards.dtype)
+    penalised = OfflineDataset(dataset.observations, dataset.actions, rewards, dataset.next_observations,
+                               dataset.terminals, dataset.timeouts, name=dataset.name, env_id=dataset.env_id,
+                               source=dataset.source)
+    return penalised.to(dataset.device, dataset.rewards.dtype)
 
 
 def planner_sequences(dataset: OfflineDataset, horizon: int, discount: float = 1.0,
@@ -71,7 +73,7 @@ def state_inpainting(like: Tensor, first: Tensor, last: Tensor | None = None) ->
 def noisy_inputs(model: DiffusionModel, x0: Tensor, held: Inpainting,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(x_t, t, noise) at random training times, with the held entries clean in x_t."""
-    t = model.schedule.sample_t(x0.shape[0], generator=generator, device=x0.device)
+    t = model.schedule.sample_t(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     return held.project(model.schedule.marginal(x0, t, noise), t), t, noise
 
@@ -107,7 +109,7 @@ def planning_overrides(config: Any, overrides: dict[str, Any], allowed: tuple[st
     return dataclasses.replace(config, **overrides)
 
 
-class PlannerAgent:
+class PlannerAgent(TorchAgent):
     """Plumbing shared by the planners: normalisers, Learners, the actor with EMA weights and the Policy,
     plans in raw units, and state dicts.
 
@@ -166,7 +168,7 @@ class PlannerAgent:
         """The controller-facing policy (receding horizon: plan, execute ``n_action_steps`` actions, replan)."""
         actor = self.actor(**overrides)
         return Policy(actor, self.obs_normalizer, self.action_normalizer, n_action_steps=actor.config.n_action_steps,
-                      seed=seed)
+                      seed=seed, device=self.device, dtype=self.dtype)
 
     def plan(self, obs: np.ndarray | Tensor, generator: torch.Generator | None = None,
              **overrides: Any) -> dict[str, np.ndarray | None]:
@@ -202,4 +204,4 @@ class PlannerAgent:
         for name, learner in self.learners.items():
             learner.load_state_dict(state["learners"][name])
         for name, norm in state["normalizers"].items():
-            setattr(self, f"{name}_normalizer", Normalizer.from_state_dict(norm))
+            setattr(self, f"{name}_normalizer", Normalizer.from_state_dict(norm).to(self.device, self.dtype))

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from diffrl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from diffrl.device import autocast, check_precision, module_dtype, resolve_device
 
 #: kind -> builder(config dict) -> actor module.
 ACTORS: dict[str, Callable[[dict], nn.Module]] = {}
@@ -103,22 +104,26 @@ class Policy:
     def __init__(self, actor: nn.Module, obs_normalizer: Any = None, action_normalizer: Any = None,
                  n_obs_steps: int = 1, n_action_steps: int = 1, action_low: Any = None, action_high: Any = None,
                  seed: int | None = None, obs_dim: int | None = None, act_dim: int | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None, precision: str = "fp32"):
         if n_obs_steps < 1 or n_action_steps < 1:
             raise ValueError(f"n_obs_steps and n_action_steps must be >= 1, got {n_obs_steps}, {n_action_steps}")
         if not hasattr(actor, "export_config"):
             raise TypeError(f"actor {type(actor).__name__} has no export_config(); see agents.policy")
-        self.device = torch.device(device)
-        self.actor = actor.to(self.device).eval()
+        self.device = resolve_device(device)
+        self.actor = actor.to(self.device, dtype).eval()
+        self.dtype = module_dtype(self.actor)
+        self.precision = check_precision(precision)
         self.obs_dim, self.act_dim = _dims(actor, actor.export_config(), obs_dim, act_dim, obs_normalizer)
         self.n_obs_steps, self.n_action_steps = int(n_obs_steps), int(n_action_steps)
-        self._obs_mean, self._obs_std = (t.to(self.device) for t in _affine(obs_normalizer, self.obs_dim,
-                                                                            "obs_normalizer"))
-        self._act_mean, self._act_std = (t.to(self.device) for t in _affine(action_normalizer, self.act_dim,
-                                                                            "action_normalizer"))
+        place = {"device": self.device, "dtype": self.dtype}
+        self._obs_mean, self._obs_std = (t.to(**place) for t in _affine(obs_normalizer, self.obs_dim,
+                                                                        "obs_normalizer"))
+        self._act_mean, self._act_std = (t.to(**place) for t in _affine(action_normalizer, self.act_dim,
+                                                                        "action_normalizer"))
         self._obs_inv_std = 1.0 / self._obs_std
         self.action_low = _bound(action_low, self.act_dim, "action_low")
         self.action_high = _bound(action_high, self.act_dim, "action_high")
+        self._low, self._high = (None if b is None else b.to(**place) for b in (self.action_low, self.action_high))
         self.seed = seed
         self._generator = torch.Generator(self.device) if seed is not None else None
         # Actors that differentiate while sampling (gradient guidance) cannot run under inference_mode.
@@ -153,7 +158,7 @@ class Policy:
         """The action(s) to execute now for observation(s) ``obs``."""
         x = self._check(obs)
         single = x.ndim == 1
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        t = torch.as_tensor(np.ascontiguousarray(x), dtype=self.dtype).to(self.device)
         t = (t.view(-1, 1, self.obs_dim) - self._obs_mean) * self._obs_inv_std
         if self.n_obs_steps == 1 and self.n_action_steps == 1:  # stateless: any batch size on every call
             action = self._plan(t)[:, 0]
@@ -175,17 +180,17 @@ class Policy:
 
     def _plan(self, history: Tensor) -> np.ndarray:
         """Query the actor; returns the next ``n_action_steps`` raw actions (B, k, act_dim) as numpy."""
-        with self._no_grad():
+        with self._no_grad(), autocast(self.device, self.precision):
             actions = self.actor(history, self._generator)
             if actions.dim() != 3 or actions.shape[0] != history.shape[0]:
                 raise RuntimeError(f"actor returned shape {tuple(actions.shape)}, expected (B, n_actions, act_dim)")
             actions = self._postprocess(actions[:, : self.n_action_steps])
-        return actions.cpu().numpy()
+        return actions.float().cpu().numpy()
 
     def _postprocess(self, actions: Tensor) -> Tensor:
         actions = torch.addcmul(self._act_mean, actions, self._act_std)
-        if self.action_low is not None or self.action_high is not None:
-            actions = actions.clamp(self.action_low, self.action_high)
+        if self._low is not None or self._high is not None:
+            actions = actions.clamp(self._low, self._high)
         return actions
 
     # ------------------------------------------------------------------------------------------- files
@@ -203,7 +208,7 @@ class Policy:
                 "act_mean": self._act_mean.cpu(), "act_std": self._act_std.cpu(),
                 "n_obs_steps": self.n_obs_steps, "n_action_steps": self.n_action_steps,
                 "action_low": self.action_low, "action_high": self.action_high, "seed": self.seed,
-                "obs_dim": self.obs_dim, "act_dim": self.act_dim,
+                "obs_dim": self.obs_dim, "act_dim": self.act_dim, "dtype": str(self.dtype).removeprefix("torch."),
             },
         }
 
@@ -242,7 +247,7 @@ class _Exported(nn.Module):
         self.n_action_steps = policy.n_action_steps
         for name in ("_obs_mean", "_obs_std", "_act_mean", "_act_std"):
             self.register_buffer(name.lstrip("_"), getattr(policy, name).clone())
-        self.low, self.high = policy.action_low, policy.action_high
+        self.low, self.high = policy._low, policy._high
 
     def forward(self, obs: Tensor) -> Tensor:
         actions = self.actor((obs - self.obs_mean) / self.obs_std, None)[:, : self.n_action_steps]
@@ -252,8 +257,11 @@ class _Exported(nn.Module):
         return actions
 
 
-def load_policy(path: str | os.PathLike, seed: int | None = None, device: str | torch.device = "cpu") -> Policy:
-    """Rebuild a :class:`Policy` saved with :meth:`Policy.save` (``seed`` overrides the stored one)."""
+def load_policy(path: str | os.PathLike, seed: int | None = None, device: str | torch.device = "cpu",
+                precision: str = "fp32") -> Policy:
+    """Rebuild a :class:`Policy` saved with :meth:`Policy.save` on ``device`` (``seed`` overrides the stored one).
+
+    The actor gets the dtype it was saved in (float32 for files that do not say)."""
     payload = load_checkpoint(path, expected_kind=CHECKPOINT_KIND)
     try:
         kind, config, state, settings = (payload[k] for k in ("actor_kind", "actor_config", "actor_state", "policy"))
@@ -279,5 +287,14 @@ def load_policy(path: str | os.PathLike, seed: int | None = None, device: str | 
         n_obs_steps=settings["n_obs_steps"], n_action_steps=settings["n_action_steps"],
         action_low=settings["action_low"], action_high=settings["action_high"],
         seed=settings["seed"] if seed is None else seed, obs_dim=settings["obs_dim"], act_dim=settings["act_dim"],
-        device=device,
+        device=device, dtype=_stored_dtype(path, settings.get("dtype", "float32")), precision=precision,
     )
+
+
+def _stored_dtype(path: str | os.PathLike, name: str) -> torch.dtype:
+    """The floating dtype a policy file names (a plain lookup: nothing from the file is evaluated)."""
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+             "float64": torch.float64}.get(name)
+    if dtype is None:
+        raise CheckpointError(f"{path}: unknown policy dtype {name!r}")
+    return dtype

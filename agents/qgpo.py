@@ -153,17 +153,17 @@ class QGPO(OfflineRLAgent):
     def energy_loss(self, obs: Tensor, support: Tensor, q_support: Tensor) -> Tensor:
         """CEP loss at one random diffusion time per state, shared by its K support actions."""
         schedule = self.behavior.schedule
-        t = schedule.sample_t(obs.shape[0], device=obs.device)
+        t = schedule.sample_t(obs.shape[0], device=obs.device, dtype=obs.dtype)
         x_t = schedule.marginal(support, t, torch.randn_like(support))
         obs_k = obs.unsqueeze(1).expand(-1, support.shape[1], -1)
         energies = self.energy(x_t, expand_like(t, support[..., 0]), obs_k)
         return contrastive_energy_loss(energies, q_support, self.config.beta)
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
         b = self.prepare(batch)
         c = self.config
         behavior_loss = self.behavior.loss(b["actions"], b["obs"])
-        metrics = {"behavior_loss": behavior_loss.item()}
+        metrics = {"behavior_loss": behavior_loss.detach()}
         self.behavior_learner.step(behavior_loss)
         if self.behavior_learner.num_steps <= c.behavior_warmup_steps:
             return metrics
@@ -177,8 +177,8 @@ class QGPO(OfflineRLAgent):
         self.critic.update_target(c.tau)
         energy_loss = self.energy_loss(next_obs, support, q_support)
         self.energy_learner.step(energy_loss)
-        return {**metrics, "critic_loss": critic_loss.item(), "energy_loss": energy_loss.item(),
-                "q_mean": q_values.mean().item()}
+        return {**metrics, "critic_loss": critic_loss.detach(), "energy_loss": energy_loss.detach(),
+                "q_mean": q_values.mean().detach()}
 
     def build_actor(self, **overrides: Any) -> QGPOActor:
         c = self.config

@@ -17,8 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from diffrl import __version__
 from diffrl.config import apply_overrides, config_from_dict, config_to_dict, suggest
+from diffrl.device import PRECISIONS, resolve_device
 from diffrl.seeding import seed_everything
 from diffrl.training import TrainConfig, Trainer
 
@@ -115,32 +118,46 @@ def _fresh_spec(args) -> RunSpec:
     train = config_to_dict(TrainConfig())
     train.update({k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed),
                                     ("eval_every", args.eval_every), ("log_every", args.log_every),
-                                    ("checkpoint_every", args.checkpoint_every)) if v is not None})
+                                    ("checkpoint_every", args.checkpoint_every), ("device", args.device),
+                                    ("precision", args.precision)) if v is not None})
     train["checkpoint_every"] = train["checkpoint_every"] or max(1, train["steps"] // 5)
     del train["run_dir"]
     return RunSpec(args.agent.replace("-", "_"), args.dataset, config_to_dict(agent_config), train, args.eval_episodes)
 
 
+def _train_device(spec: RunSpec, args) -> torch.device:
+    """The device of this process: ``--device`` (or the run's), with torchrun's LOCAL_RANK GPU for auto / cuda."""
+    from diffrl.distributed import init_distributed
+
+    requested = args.device or spec.train.get("device", "auto")
+    if "WORLD_SIZE" in os.environ:
+        rank_device = init_distributed()  # NCCL and GPU LOCAL_RANK with CUDA, gloo on the CPU
+        if requested in ("auto", "cuda") and rank_device.type == "cuda":
+            requested = str(rank_device)
+    return resolve_device(requested)
+
+
 def cmd_train(args) -> None:
-    from diffrl.distributed import all_gather_object, barrier, cleanup, init_distributed, is_main_process
+    from diffrl.distributed import all_gather_object, barrier, cleanup, is_main_process
     from envs import load_dataset
 
-    if "WORLD_SIZE" in os.environ:
-        init_distributed()
     spec = RunSpec.load(Path(args.resume)) if args.resume else _fresh_spec(args)
     if args.resume and args.steps is not None:  # extend (or shorten) the run
         spec.train["steps"] = args.steps
+    if args.resume and args.precision is not None:
+        spec.train["precision"] = args.precision
+    device = _train_device(spec, args)
     config_cls, _ = resolve_agent(spec.agent)
     dataset = load_dataset(spec.dataset)
     seed_everything(spec.train["seed"])  # the agent's initial weights follow the run's seed
-    agent = build_agent(spec.agent, config_from_dict(config_cls, spec.agent_config), dataset)
+    agent = build_agent(spec.agent, config_from_dict(config_cls, spec.agent_config), dataset).to(device)
     run_dir = None
     if is_main_process():
         run_dir = Path(args.resume) if args.resume else _new_run_dir(args, spec.agent, dataset.name)
         spec.save(run_dir)
     run_dir = Path(all_gather_object(str(run_dir))[0])  # every process follows rank 0's folder
-    train_config = config_from_dict(TrainConfig, {**spec.train, "run_dir": str(run_dir)})
-    trainer = Trainer(agent, batch_sampler(agent, dataset), train_config,
+    train_config = config_from_dict(TrainConfig, {**spec.train, "run_dir": str(run_dir), "device": str(device)})
+    trainer = Trainer(agent, batch_sampler(agent, dataset.to(device)), train_config,
                       evaluate=_evaluator(dataset, spec.eval_episodes, train_config.seed))
     trainer.fit(resume=bool(args.resume))
     if is_main_process():
@@ -176,8 +193,9 @@ def _run_dir_of(path: Path) -> Path:
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
-def _load_policy(path: Path, seed: int | None = None):
-    """A policy from a policy file, a run folder (its final policy) or a training checkpoint of a run."""
+def _load_policy(path: Path, seed: int | None = None, device: str = "cpu"):
+    """A policy from a policy file, a run folder (its final policy) or a training checkpoint of a run, on
+    ``device``."""
     from agents.policy import CHECKPOINT_KIND, load_policy
     from diffrl.checkpoint import load_checkpoint, read_header
     from envs import load_dataset
@@ -185,19 +203,19 @@ def _load_policy(path: Path, seed: int | None = None):
     if path.is_dir():
         path = path / POLICY_FILE
     if not path.is_file() or read_header(path).get("kind") == CHECKPOINT_KIND:
-        return load_policy(path, seed=seed)
+        return load_policy(path, seed=seed, device=device)
     spec = RunSpec.load(_run_dir_of(path))
     config_cls, _ = resolve_agent(spec.agent)
     agent = build_agent(spec.agent, config_from_dict(config_cls, spec.agent_config), load_dataset(spec.dataset))
-    agent.load_state_dict(load_checkpoint(path, expected_kind=spec.agent)["agent"])
+    agent.to(device).load_state_dict(load_checkpoint(path, expected_kind=spec.agent)["agent"])
     return agent.policy(seed=seed)
 
 
-def _eval_one(job: tuple[str, str | None, int, int]) -> dict:
+def _eval_one(job: tuple[str, str | None, int, int, str]) -> dict:
     from envs import evaluate, load_dataset
 
-    path, env, episodes, seed = job
-    policy = _load_policy(Path(path), seed=seed)  # sampling noise follows the evaluation seed too
+    path, env, episodes, seed, device = job
+    policy = _load_policy(Path(path), seed=seed, device=device)  # sampling noise follows the evaluation seed too
     target = env if env is not None else load_dataset(RunSpec.load(_run_dir_of(Path(path))).dataset)
     return {"path": path, "seed": seed, **evaluate(policy, target, episodes=episodes, seed=seed).to_dict()}
 
@@ -205,7 +223,8 @@ def _eval_one(job: tuple[str, str | None, int, int]) -> dict:
 def cmd_eval(args) -> None:
     from diffrl.distributed import parallel_map
 
-    jobs = [(str(p), args.env, args.episodes, s) for p in args.paths for s in args.seeds]
+    device = str(resolve_device(args.device))
+    jobs = [(str(p), args.env, args.episodes, s, device) for p in args.paths for s in args.seeds]
     results = parallel_map(_eval_one, jobs, processes=args.workers)
     print(json.dumps(results, indent=2, default=float))
     if args.output:
@@ -264,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-episodes", type=int, default=10)
     train.add_argument("--checkpoint-every", type=int)
     train.add_argument("--log-every", type=int)
+    train.add_argument("--device", help="auto (CUDA when available, the default), cpu, cuda or cuda:N; "
+                                        "under torchrun each process takes GPU LOCAL_RANK")
+    train.add_argument("--precision", choices=sorted(PRECISIONS), help="training compute type (default fp32)")
     train.add_argument("--run-dir", help="run folder (default: runs/<agent>-<dataset>-<time>)")
     train.add_argument("--runs-root", default="runs")
     train.add_argument("--overwrite", action="store_true", help="reuse a non-empty --run-dir")
@@ -278,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
     ev.add_argument("--workers", type=int, default=1, help="evaluate paths x seeds in this many processes")
     ev.add_argument("--output", help="write results as JSON here")
+    ev.add_argument("--device", default="auto", help="where the policy runs: auto, cpu, cuda or cuda:N")
     ev.set_defaults(func=cmd_eval)
 
     col = sub.add_parser("collect", help="collect a D4RL-style dataset with an SB3 SAC behaviour policy")
@@ -304,8 +327,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``diffrl`` command."""
-    import torch
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides = [item for item in extra if "=" in item and not item.startswith("-")]

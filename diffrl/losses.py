@@ -49,7 +49,7 @@ def denoising_loss(net: Callable[[Tensor, Tensor, object], Tensor], schedule: No
     """
     prediction = make_prediction(prediction)
     if t is None:
-        t = schedule.sample_t(x0.shape[0], generator=generator, device=x0.device)
+        t = schedule.sample_t(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = schedule.marginal(x0, t, noise)

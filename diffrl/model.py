@@ -79,10 +79,10 @@ class DiffusionModel(nn.Module):
 
         Unguided :meth:`sample` calls go through it: the same samples and random draws as ``solver.sample`` with
         the per-step schedule arithmetic done once. The last plan is kept for the same kind of solver (class and
-        settings), steps and device.
+        settings), steps, device and dtype.
         """
         param = next(self.parameters(), None)
-        key = (type(solver), dict(vars(solver)), steps, param.device if param is not None else None)
+        key = (type(solver), dict(vars(solver)), steps, None if param is None else (param.device, param.dtype))
         if self._plan is None or self._plan[0] != key:
             self._plan = (key, SamplingPlan.build(self, solver, steps))
         return self._plan[1]

@@ -54,9 +54,10 @@ class NoiseSchedule(ABC):
         noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         return noise * self.prior_std()
 
-    def sample_t(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+    def sample_t(self, n: int, generator: torch.Generator | None = None, device=None,
+                 dtype: torch.dtype | None = None) -> Tensor:
         """Training times, uniform on [t_min, t_max]."""
-        u = torch.rand(n, generator=generator, device=device)
+        u = torch.rand(n, generator=generator, device=device, dtype=dtype)
         return self.t_min + (self.t_max - self.t_min) * u
 
     def marginal(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -110,6 +111,13 @@ class DiscreteVP(NoiseSchedule):
         self._log_alpha_grid = torch.cat([torch.zeros(1, dtype=torch.float64), log_alpha_bar])
         self.t_min = 1.0 / self.num_steps
         self.t_max = 1.0
+        self._grids: dict[torch.device, Tensor] = {}
+
+    def _grid_on(self, device: torch.device) -> Tensor:
+        """log alpha on the step grid, copied to ``device`` once (not at every call)."""
+        if device not in self._grids:
+            self._grids[device] = self._log_alpha_grid.to(device)
+        return self._grids[device]
 
     @classmethod
     def linear(cls, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DiscreteVP:
@@ -133,13 +141,14 @@ class DiscreteVP(NoiseSchedule):
         alpha = torch.exp(-beta_min / num_steps - 0.5 * (beta_max - beta_min) * (2 * n - 1) / num_steps**2)
         return cls(1 - alpha)
 
-    def sample_t(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+    def sample_t(self, n: int, generator: torch.Generator | None = None, device=None,
+                 dtype: torch.dtype | None = None) -> Tensor:
         """Training times on the grid {1/T, ..., 1}."""
         steps = torch.randint(1, self.num_steps + 1, (n,), generator=generator, device=device)
-        return steps.float() / self.num_steps
+        return steps.to(dtype or torch.get_default_dtype()) / self.num_steps
 
     def log_alpha(self, t: Tensor) -> Tensor:
-        grid = self._log_alpha_grid.to(t.device)
+        grid = self._grid_on(t.device)
         pos = t.double().clamp(0.0, 1.0) * self.num_steps
         lo = pos.floor().clamp(max=self.num_steps - 1).long()
         frac = pos - lo
@@ -153,7 +162,7 @@ class DiscreteVP(NoiseSchedule):
     def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
         # alpha^2 = sigmoid(log_snr); invert the piecewise-linear log alpha on the (decreasing) grid.
         la = (0.5 * torch.nn.functional.logsigmoid(log_snr.double()))
-        grid = self._log_alpha_grid.to(la.device)
+        grid = self._grid_on(la.device)
         neg = -grid  # increasing
         idx = torch.searchsorted(neg, -la).clamp(1, self.num_steps)
         lo, hi = grid[idx - 1], grid[idx]

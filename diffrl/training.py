@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffrl.checkpoint import atomic_open, load_checkpoint, save_checkpoint
+from diffrl.device import autocast, check_precision, resolve_device
 from diffrl.distributed import all_gather_object, all_reduce_mean, barrier, broadcast_tensors, rank, world_size
 from diffrl.seeding import derive_seed, get_rng_state, preserved_rng_state, seed_everything, set_rng_state
 
@@ -41,9 +42,18 @@ class EMA:
         self.module = copy.deepcopy(module).requires_grad_(False)
         for p in self.module.parameters():
             p.grad = None
-        self._pairs = (list(self.module.parameters()), list(module.parameters()))
-        self._buffer_pairs = (list(self.module.buffers()), list(module.buffers()))
+        self._pair_up()
         self.num_updates = 0
+
+    def _pair_up(self) -> None:
+        self._pairs = (list(self.module.parameters()), list(self.source.parameters()))
+        self._buffer_pairs = (list(self.module.buffers()), list(self.source.buffers()))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> EMA:
+        """Move the averaged copy to the source module's new place (call after moving the source)."""
+        self.module.to(device=device, dtype=dtype)
+        self._pair_up()  # moving replaces buffer tensors
+        return self
 
     @torch.no_grad()
     def update(self) -> None:
@@ -152,6 +162,7 @@ class Learner:
         broadcast_tensors(self.params)  # all ranks start from rank 0's initialisation
         self.optimizer = _make_adamw(self.params, lr=self.base_lr, betas=tuple(betas), weight_decay=weight_decay)
         self.ema = EMA(module, ema_decay) if ema_decay is not None else None
+        self.scaler: torch.amp.GradScaler | None = None
 
     @property
     def ema_module(self) -> nn.Module | None:
@@ -168,36 +179,58 @@ class Learner:
             factor *= 0.5 * (1.0 + math.cos(math.pi * progress)) if self.lr_schedule == "cosine" else 1.0 - progress
         return self.base_lr * factor
 
-    def step(self, loss: torch.Tensor) -> dict[str, float]:
-        """One gradient update on ``loss``; returns the pre-clipping gradient norm and the learning rate used."""
+    def set_precision(self, precision: str) -> None:
+        """Scale the loss with a GradScaler for ``fp16`` (bf16 and fp32 need none)."""
+        device_type = self.params[0].device.type
+        self.scaler = torch.amp.GradScaler(device_type) if check_precision(precision) == "fp16" else None
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Learner:
+        """Follow the parameters to a new device / dtype (call after moving the module): EMA and optimiser state."""
+        if self.ema is not None:
+            self.ema.to(device, dtype)
+        if self.optimizer.state:  # torch's own load casts the moments to the parameters' device and dtype
+            self.optimizer.load_state_dict(self.optimizer.state_dict())
+        return self
+
+    def step(self, loss: torch.Tensor) -> dict[str, Any]:
+        """One gradient update on ``loss``; returns the pre-clipping gradient norm (a tensor, not read back to
+        the host) and the learning rate used."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            raise RuntimeError("the loss does not depend on any parameter of this Learner")
-        if world_size() > 1:
-            flat = all_reduce_mean(torch._utils._flatten_dense_tensors(grads))
-            torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        if self.max_grad_norm is not None:
-            torch._foreach_mul_(grads, (self.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0))
-        lr = self.lr_at(self.num_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        with torch.autocast(loss.device.type, enabled=False):  # backward and the update outside autocast
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if not grads:
+                raise RuntimeError("the loss does not depend on any parameter of this Learner")
+            if world_size() > 1:
+                flat = all_reduce_mean(torch._utils._flatten_dense_tensors(grads))
+                torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            if self.max_grad_norm is not None:
+                torch._foreach_mul_(grads, (self.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0))
+            lr = self.lr_at(self.num_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
         self.num_steps += 1
         if self.ema is not None:
             if self.num_steps <= self.ema_start:
                 self.ema.reset()
             elif self.num_steps % self.ema_update_every == 0:
                 self.ema.update()
-        return {"grad_norm": grad_norm.item(), "lr": lr}
+        return {"grad_norm": grad_norm.detach(), "lr": lr}
 
     def state_dict(self) -> dict:
         return {
             "optimizer": self.optimizer.state_dict(),
             "num_steps": self.num_steps,
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -208,6 +241,8 @@ class Learner:
         self.num_steps = int(state["num_steps"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
 
 @dataclass
@@ -217,6 +252,8 @@ class TrainConfig:
     ``eval_every`` and ``checkpoint_every`` of 0 disable evaluation and checkpoints; logs and evaluations
     happen at multiples of their period, checkpoints at multiples of theirs and after the last step.
     ``run_dir`` receives ``tb/`` (TensorBoard), ``eval.csv``, ``eval.json`` and ``checkpoints/``.
+    ``device`` (auto, cpu, cuda, cuda:N) is where the batch generator lives (the agent and the data must be
+    there too); ``precision`` (fp32, bf16, fp16) is the compute type of the updates.
     """
 
     steps: int = 100_000
@@ -228,8 +265,11 @@ class TrainConfig:
     keep_checkpoints: int = 3
     progress: bool = True
     run_dir: str | None = None
+    device: str = "auto"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         positive = {"batch_size": self.batch_size, "log_every": self.log_every,
                     "keep_checkpoints": self.keep_checkpoints}
         non_negative = {"steps": self.steps, "seed": self.seed, "eval_every": self.eval_every,
@@ -275,11 +315,14 @@ class Trainer:
         self.rank, self.world_size = rank(), world_size()
         self.is_main = self.rank == 0
         self.run_dir = Path(config.run_dir) if config.run_dir is not None else None
-        self.generator = torch.Generator().manual_seed(derive_seed(config.seed, self.rank, 0))
+        self.device = resolve_device(config.device)
+        self.generator = torch.Generator(self.device).manual_seed(derive_seed(config.seed, self.rank, 0))
+        if hasattr(agent, "set_precision"):
+            agent.set_precision(config.precision)
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.evaluations: list[dict[str, float]] = []
-        self._sums: dict[str, float] = {}
+        self._sums: dict[str, Any] = {}  # floats or (device) tensors, read back every log_every steps
         self._count = 0
         self._started = False
 
@@ -306,10 +349,13 @@ class Trainer:
         clock = (time.perf_counter(), self.step)
         try:
             while self.step < cfg.steps:
-                metrics = self.agent.update(self.sample_batch(cfg.batch_size, self.generator))
+                batch = self.sample_batch(cfg.batch_size, self.generator)
+                with autocast(self.device, cfg.precision):
+                    metrics = self.agent.update(batch)
                 self.step += 1
                 for key, value in metrics.items():
-                    self._sums[key] = self._sums.get(key, 0.0) + float(value)
+                    value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
+                    self._sums[key] = self._sums.get(key, 0.0) + value
                 self._count += 1
                 bar.update()
                 if self.step % cfg.log_every == 0:
@@ -330,7 +376,7 @@ class Trainer:
         return SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
 
     def _log(self, writer, bar, clock: tuple[float, int]) -> tuple[float, int]:
-        means = {f"train/{k}": v / self._count for k, v in self._sums.items()}
+        means = {f"train/{k}": float(v) / self._count for k, v in self._sums.items()}
         self._sums, self._count = {}, 0
         now = time.perf_counter()
         if self.is_main:
@@ -389,7 +435,7 @@ class Trainer:
             "rng": rng_states,
             "history": self.history,
             "evaluations": self.evaluations,
-            "log_sums": self._sums,
+            "log_sums": {k: float(v) for k, v in self._sums.items()},
             "log_count": self._count,
             "config": asdict(self.config),
         }

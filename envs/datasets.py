@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -18,6 +19,13 @@ ArrayLike = np.ndarray | torch.Tensor
 NORMALIZABLE_FIELDS = ("observations", "actions", "rewards")
 
 
+def _float_tensor(x: Any) -> torch.Tensor:
+    """A floating tensor as it is (its device and dtype kept); anything else as a float32 tensor."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x
+    return torch.as_tensor(x, dtype=torch.float32)
+
+
 @dataclass
 class Normalizer:
     """Z-score normaliser ``(x - mean) / std`` over the trailing feature dims; ``std`` is floored at 1e-6."""
@@ -28,8 +36,7 @@ class Normalizer:
     MIN_STD = 1e-6
 
     def __post_init__(self) -> None:
-        self.mean = torch.as_tensor(self.mean, dtype=torch.float32)
-        self.std = torch.as_tensor(self.std, dtype=torch.float32).clamp_min(self.MIN_STD)
+        self.mean, self.std = _float_tensor(self.mean), _float_tensor(self.std).clamp_min(self.MIN_STD)
         if self.mean.shape != self.std.shape:
             raise ValueError(f"Normalizer mean shape {tuple(self.mean.shape)} != std shape {tuple(self.std.shape)}")
 
@@ -51,7 +58,7 @@ class Normalizer:
             return self.mean.to(x.device, dtype), self.std.to(x.device, dtype)
         if isinstance(x, np.ndarray):
             dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32
-            return self.mean.numpy().astype(dtype), self.std.numpy().astype(dtype)
+            return self.mean.cpu().numpy().astype(dtype), self.std.cpu().numpy().astype(dtype)
         raise TypeError(f"Normalizer expects a torch.Tensor or np.ndarray, got {type(x).__name__}")
 
     def normalize(self, x: ArrayLike) -> ArrayLike:
@@ -62,8 +69,12 @@ class Normalizer:
         mean, std = self._stats_like(x)
         return x * std + mean
 
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Normalizer:
+        """A copy with the statistics on ``device`` / in floating ``dtype`` (so normalising moves nothing)."""
+        return Normalizer(self.mean.to(device=device, dtype=dtype), self.std.to(device=device, dtype=dtype))
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"mean": self.mean.clone(), "std": self.std.clone()}
+        return {"mean": self.mean.cpu().clone(), "std": self.std.cpu().clone()}
 
     @classmethod
     def from_state_dict(cls, d: dict[str, Any]) -> Normalizer:
@@ -207,12 +218,26 @@ class OfflineDataset:
         """Undiscounted return of each episode (float64)."""
         if not len(self):
             return np.zeros(0)
-        return np.add.reduceat(self.rewards.numpy().astype(np.float64), self._starts)
+        return np.add.reduceat(self.rewards.cpu().numpy().astype(np.float64), self._starts)
 
     def returns_to_go(self, discount: float = 1.0) -> torch.Tensor:
-        """(N,) discounted sum of rewards from each step to the end of its episode."""
-        return torch.from_numpy(
-            _returns_to_go(self.rewards.numpy(), self._starts, self._ends, discount).astype(np.float32))
+        """(N,) discounted sum of rewards from each step to the end of its episode (the rewards' device, dtype)."""
+        rtg = _returns_to_go(self.rewards.cpu().numpy(), self._starts, self._ends, discount)
+        return torch.from_numpy(rtg).to(device=self.rewards.device, dtype=self.rewards.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.observations.device
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> OfflineDataset:
+        """This dataset with every tensor on ``device`` (floating fields in ``dtype``): move it once, and batches
+        are then drawn and indexed there."""
+        moved = copy.copy(self)
+        for field in ("observations", "actions", "rewards", "next_observations"):
+            setattr(moved, field, getattr(self, field).to(device=device, dtype=dtype))
+        moved.terminals, moved.timeouts = self.terminals.to(device), self.timeouts.to(device)
+        moved._normalizers = {}
+        return moved
 
     def normalizer(self, field: str) -> Normalizer:
         """Z-score normaliser fitted on ``observations``, ``actions`` or ``rewards`` (cached)."""
@@ -226,13 +251,13 @@ class OfflineDataset:
         """Uniform batch of transitions (with replacement); ``terminals`` as float 0/1."""
         if not len(self):
             raise ValueError(f"{self.source}: cannot sample from an empty dataset")
-        idx = torch.randint(0, len(self), (batch_size,), generator=generator)
+        idx = torch.randint(0, len(self), (batch_size,), generator=generator, device=self.device)
         return {
             "observations": self.observations[idx],
             "actions": self.actions[idx],
             "rewards": self.rewards[idx],
             "next_observations": self.next_observations[idx],
-            "terminals": self.terminals[idx].float(),
+            "terminals": self.terminals[idx].to(self.rewards.dtype),
         }
 
     def sequences(self, horizon: int, stride: int = 1, pad: bool = True, discount: float = 1.0) -> SequenceDataset:
@@ -324,22 +349,24 @@ class SequenceDataset:
         episode = np.repeat(np.arange(len(starts)), n_windows)
         first = np.cumsum(n_windows) - n_windows
         offset = (np.arange(int(n_windows.sum())) - np.repeat(first, n_windows)) * stride
-        self.episode_index = torch.from_numpy(episode)
-        self.start = torch.from_numpy(starts[episode] + offset)  # absolute index of each window's first step
-        self.episode_end = torch.from_numpy(ends[episode])
+        device = dataset.device
+        self.episode_index = torch.from_numpy(episode).to(device)
+        self.start = torch.from_numpy(starts[episode] + offset).to(device)  # absolute index of each window's start
+        self.episode_end = torch.from_numpy(ends[episode]).to(device)
+        self._steps = torch.arange(horizon, device=device)
         self._rtg = dataset.returns_to_go(discount)
 
     def __len__(self) -> int:
         return len(self.start)
 
     def __getitem__(self, idx: torch.Tensor | np.ndarray | Sequence[int] | int) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        pos = self.start[idx].unsqueeze(-1) + torch.arange(self.horizon)
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.start.device)
+        pos = self.start[idx].unsqueeze(-1) + self._steps
         end = self.episode_end[idx].unsqueeze(-1)
         mask = pos < end
         pos = torch.minimum(pos, end - 1)
         d = self.dataset
-        zero = torch.zeros((), dtype=torch.float32)
+        zero = d.rewards.new_zeros(())
         return {
             "observations": d.observations[pos],
             "actions": d.actions[pos],
@@ -352,10 +379,10 @@ class SequenceDataset:
         """Uniform batch of windows (with replacement), keys as `KEYS`."""
         if not len(self):
             raise ValueError(f"no windows of horizon {self.horizon} in {self.dataset.name!r} (pad={self.pad})")
-        return self[torch.randint(0, len(self), (batch_size,), generator=generator)]
+        return self[torch.randint(0, len(self), (batch_size,), generator=generator, device=self.start.device)]
 
     def _all(self, key: str) -> torch.Tensor:
-        return self[torch.arange(len(self))][key]
+        return self[torch.arange(len(self), device=self.start.device)][key]
 
     @property
     def observations(self) -> torch.Tensor:

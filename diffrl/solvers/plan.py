@@ -41,14 +41,14 @@ class SamplingPlan:
         if any(step is None for step in steps_):
             return None
         param = next(model.parameters(), None)
-        device = param.device if param is not None else None
+        device, dtype = (param.device, param.dtype) if param is not None else (None, torch.float32)
         times, to_x0, updates = [], [], []
         for i, t in enumerate(grid):
             t1 = t.reshape(1)
             # to_x0_eps is linear in (out, x_t) at fixed t: read off the two weights of x0.
             p_x, _ = model.prediction.to_x0_eps(t1.new_zeros(1), t1.new_ones(1), t1, model.schedule)
             p_out, _ = model.prediction.to_x0_eps(t1.new_ones(1), t1.new_zeros(1), t1, model.schedule)
-            times.append(t1.to(device=device, dtype=torch.float32))
+            times.append(t1.to(device=device, dtype=dtype))
             to_x0.append((float(p_x), float(p_out)))
             if i < steps - 1:
                 updates.append(cls._fold_eps(steps_[i], float(model.schedule.alpha(t)), float(model.schedule.sigma(t))))
