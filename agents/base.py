@@ -27,7 +27,13 @@ class TorchAgent:
     Modules (EMA copies and target networks included, as they are modules or live in a Learner), optimiser state,
     normalisers (anything with a ``to(device, dtype)`` returning a moved copy) and tensor attributes follow.
     Call it before training starts; the agent's policy and sampler then follow its device.
+
+    ``presets`` maps task names to :class:`agents.presets.Preset` rows (the CLI applies the dataset's row);
+    ``default_batch_size`` is the paper's batch size, the run's default.
     """
+
+    presets: dict[str, Any] = {}
+    default_batch_size: int = 256
 
     def _placed(self) -> tuple[list[nn.Module], list[Learner]]:
         modules: dict[int, nn.Module] = {}

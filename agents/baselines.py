@@ -32,7 +32,7 @@ class GaussianBCConfig:
     weight_decay: float = 0.0
     lr_schedule: str = "constant"
     warmup_steps: int = 0
-    total_steps: int = 1_000_000
+    total_steps: int | None = None  # learning-rate schedule horizon; None: the run's steps
     max_grad_norm: float | None = None
 
 

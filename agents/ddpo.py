@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from agents.base import TorchAgent
 from agents.lora import add_lora, lora_parameters
 from diffrl.guidance import ClassifierFree, Guidance
 from diffrl.model import DiffusionModel
@@ -52,8 +53,12 @@ class PerClassStatTracker:
         self.buffers: dict[int, deque[float]] = {}
 
     def update(self, classes: Tensor, rewards: Tensor) -> Tensor:
-        """Add the batch's rewards to the buffers and return its advantages (same shape as ``rewards``)."""
-        classes, rewards = classes.reshape(-1), rewards.reshape(-1).double()
+        """Add the batch's rewards to the buffers and return its advantages (shape, dtype and device of ``rewards``).
+
+        The statistics are computed in float64 on the CPU (one host copy per batch).
+        """
+        like = rewards
+        classes, rewards = classes.reshape(-1).cpu(), rewards.reshape(-1).double().cpu()
         if classes.shape != rewards.shape:
             raise ValueError(f"classes {tuple(classes.shape)} and rewards {tuple(rewards.shape)} differ in size")
         global_mean, global_std = rewards.mean(), rewards.std(unbiased=False)
@@ -68,7 +73,7 @@ class PerClassStatTracker:
                 values = torch.tensor(list(buffer), dtype=torch.float64)
                 mean, std = values.mean(), values.std(unbiased=False)
             advantages[mask] = (rewards[mask] - mean) / (std + self.eps)
-        return advantages.float()
+        return advantages.to(device=like.device, dtype=like.dtype).reshape(like.shape)
 
     def state_dict(self) -> dict:
         return {"buffers": {c: list(b) for c, b in self.buffers.items()}}
@@ -131,24 +136,26 @@ class DDPOConfig:
         self.classes = tuple(int(c) for c in self.classes)
 
 
-class DDPO:
+class DDPO(TorchAgent):
     """Fine-tunes ``model`` (a :class:`DiffusionModel`) to maximise ``reward_fn(images, classes) -> (B,)``.
 
     ``num_classes > 0`` means the denoiser takes class ids (LongTensor (B,)) and ``None`` for the null class;
     sampling then uses classifier-free guidance and the log-probabilities are those of the guided steps, and
     ``reward_fn`` receives the prompt classes (``None`` for unconditional sampling).
     The denoiser is kept in eval mode (no condition dropout): the sampled and the trained policy must agree.
+    Everything sampled and trained follows the model's device and dtype (move the agent with :meth:`to`);
+    rewards and advantages are kept in at least float32.
     """
 
     kind = "ddpo"
 
     def __init__(self, config: DDPOConfig, model: DiffusionModel, reward_fn: RewardFn,
                  image_shape: tuple[int, ...], num_classes: int = 0):
-        self.config, self.reward_fn, self.num_classes = config, reward_fn, num_classes
-        self.image_shape = tuple(image_shape)
         if any(not 0 <= c < max(num_classes, 1) for c in config.classes):
             raise ValueError(f"classes {config.classes} outside the model's {num_classes} classes")
-        self.model = model.eval()
+        self.model = model.eval()  # first module attribute: the agent's device and dtype are the model's
+        self.config, self.reward_fn, self.num_classes = config, reward_fn, num_classes
+        self.image_shape = tuple(image_shape)
         self.reference = copy.deepcopy(model).requires_grad_(False)
         if config.lora_rank > 0:
             add_lora(model.denoiser, config.lora_rank, config.lora_alpha)
@@ -160,7 +167,17 @@ class DDPO:
         self.solver = DDIM(eta=config.eta)
         self.guidance = ClassifierFree(config.guidance_weight) if self.conditional else Guidance()
         self.tracker = PerClassStatTracker(config.stat_buffer_size, config.stat_min_count)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self._grid_cache: tuple[tuple, Tensor] | None = None
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DDPO:
+        """Move the agent (see :class:`TorchAgent`). Moving to another device recreates the agent's own generator
+        (minibatch and timestep draws) there, seeded from ``config.seed``: that random stream starts over."""
+        before = self.generator.device
+        super().to(device, dtype)
+        if self.device != before:
+            self.generator = torch.Generator(self.device).manual_seed(self.config.seed)
+        return self
 
     @classmethod
     def from_dataset(cls, dataset, config: DDPOConfig) -> DDPO:
@@ -178,18 +195,29 @@ class DDPO:
 
     def sample_labels(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Prompt classes drawn uniformly from ``config.classes`` (zeros for an unconditional model)."""
+        device = self.device
         if not self.conditional:
-            return torch.zeros(n, dtype=torch.long)
-        pool = torch.tensor(self.config.classes or range(self.num_classes), dtype=torch.long)
-        return pool[torch.randint(0, len(pool), (n,), generator=generator)]
+            return torch.zeros(n, dtype=torch.long, device=device)
+        pool = torch.tensor(self.config.classes or range(self.num_classes), dtype=torch.long, device=device)
+        return pool[torch.randint(0, len(pool), (n,), generator=generator, device=device)]
 
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    @property
+    def _score_dtype(self) -> torch.dtype:
+        """The dtype of rewards, advantages and random sort keys: the model's, at least float32."""
+        return torch.promote_types(self.dtype, torch.float32)
+
+    def _prior(self, n: int, generator: torch.Generator | None) -> Tensor:
+        """x_T for ``n`` chains on the model's device and in its dtype."""
+        return self.model.schedule.prior((n, *self.image_shape), generator=generator, device=self.device,
+                                         dtype=self.dtype)
 
     @torch.no_grad()
     def sample(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Images (B, *image_shape) in [-1, 1] from the current policy for the given prompt classes."""
-        x_T = self.model.schedule.prior((len(labels), *self.image_shape), generator=generator)
+        """Images (B, *image_shape) in [-1, 1] from the current policy for the given prompt classes.
+
+        ``generator`` (if given) must live on the agent's device.
+        """
+        x_T = self._prior(len(labels), generator)
         x = self.model.sample(x_T.shape, self.condition(labels.to(x_T.device)), solver=self.solver,
                               steps=self.config.sample_steps, guidance=self.guidance, generator=generator, x_T=x_T)
         return x.clamp(-1.0, 1.0)
@@ -200,20 +228,20 @@ class DDPO:
 
         Keys: ``latents`` (B, K + 1, *image_shape) with x_T first, ``log_probs`` (B, K), ``labels``, ``images``,
         ``rewards``, ``advantages`` and ``drift`` (for the first ``drift_samples`` chains, the sum over the trained
-        steps of log p_theta - log p_start).
+        steps of log p_theta - log p_start). ``generator`` (if given) must live on the agent's device.
         """
         labels = self.sample_labels(batch_size, generator)
-        x_T = self.model.schedule.prior((batch_size, *self.image_shape), generator=generator).to(self._device())
-        labels = labels.to(x_T.device)
+        x_T = self._prior(batch_size, generator)
         traj = self.solver.sample_trajectory(self.model, x_T, self.condition(labels), self.config.sample_steps,
                                              self.guidance, generator)
         images = traj.sample.clamp(-1.0, 1.0)
-        rewards = self.reward_fn(images, self.condition(labels)).float().reshape(-1)
+        rewards = torch.as_tensor(self.reward_fn(images, self.condition(labels)))
+        rewards = rewards.to(device=x_T.device, dtype=self._score_dtype).reshape(-1)
         if rewards.shape != (batch_size,):
             raise ValueError(f"reward_fn returned shape {tuple(rewards.shape)} for {batch_size} images")
         latents = torch.stack(traj.latents, 1)
         batch = {"latents": latents, "log_probs": traj.log_probs, "labels": labels, "images": images,
-                 "rewards": rewards, "advantages": self.tracker.update(labels.cpu(), rewards.cpu()).to(x_T.device)}
+                 "rewards": rewards, "advantages": self.tracker.update(labels, rewards)}
         n = min(self.config.drift_samples, batch_size)
         if n > 0:
             trained = self.trained_steps(traj.log_probs.shape[1]) + 1
@@ -225,12 +253,17 @@ class DDPO:
         """How many of a chain's ``steps`` stochastic steps (the first ones) are trained on."""
         return steps if self.config.train_last_step else steps - 1
 
-    def _grid(self) -> Tensor:
-        return self.solver.timesteps(self.model, self.config.sample_steps)
+    def _grid(self, like: Tensor) -> Tensor:
+        """The sampling grid on the device and in the dtype of ``like`` (kept for the last device and dtype)."""
+        key = (like.device, like.dtype, self.config.sample_steps)
+        if self._grid_cache is None or self._grid_cache[0] != key:
+            grid = self.solver.timesteps(self.model, self.config.sample_steps).to(device=like.device, dtype=like.dtype)
+            self._grid_cache = (key, grid)
+        return self._grid_cache[1]
 
     def _step_log_prob(self, model: DiffusionModel, x: Tensor, x_next: Tensor, k: Tensor, labels: Tensor) -> Tensor:
         """log p(x_next | x) of step ``k`` (per element) of the guided DDIM chain."""
-        grid = self._grid().to(device=x.device, dtype=x.dtype)
+        grid = self._grid(x)
         dist = self.solver.step_distribution(model, x, grid[k], grid[k + 1], self.condition(labels), self.guidance)
         return dist.log_prob(x_next)
 
@@ -246,8 +279,10 @@ class DDPO:
         """(sample, step) index pairs trained on: all trained steps, or a random ``timestep_fraction`` of them."""
         steps = self.trained_steps(steps)
         per_chain = max(1, round(self.config.timestep_fraction * steps))
-        ks = torch.rand(batch_size, steps, generator=self.generator).argsort(1)[:, :per_chain]
-        return torch.arange(batch_size).repeat_interleave(per_chain), ks.reshape(-1)
+        device = self.generator.device
+        keys = torch.rand(batch_size, steps, generator=self.generator, device=device, dtype=self._score_dtype)
+        ks = keys.argsort(1)[:, :per_chain]
+        return torch.arange(batch_size, device=device).repeat_interleave(per_chain), ks.reshape(-1)
 
     def _pair_terms(self, batch: dict[str, Tensor], i: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(new log-prob, old log-prob, clipped advantage) of the (sample i, step k) pairs."""
@@ -258,35 +293,38 @@ class DDPO:
         adv = batch["advantages"][i].clamp(-self.config.adv_clip_max, self.config.adv_clip_max)
         return lp, batch["log_probs"][i, k], adv
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
-        """One DDPO epoch on a batch from :meth:`collect`: one step (SF) or inner epochs of minibatch steps (IS)."""
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
+        """One DDPO epoch on a batch from :meth:`collect`: one step (SF) or inner epochs of minibatch steps (IS).
+
+        Metric values are detached tensors on the agent's device (no host sync), ``num_updates`` a float.
+        """
         cfg = self.config
         batch_size, steps = batch["log_probs"].shape
-        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
+        stats: dict[str, list[Tensor]] = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
         if cfg.method == "sf":
             i, k = self._pairs(batch_size, steps)
             self._sf_step(batch, i, k, stats)
         else:
             for _ in range(cfg.inner_epochs):
                 i, k = self._pairs(batch_size, steps)
-                perm = torch.randperm(len(i), generator=self.generator)
+                perm = torch.randperm(len(i), generator=self.generator, device=self.generator.device)
                 for chunk in perm.split(cfg.minibatch_size):
                     lp, old, adv = self._pair_terms(batch, i[chunk], k[chunk])
                     loss = clipped_surrogate(lp, old, adv, cfg.clip_range).mean()
                     stats["grad_norm"].append(self.learner.step(loss)["grad_norm"])
                     self._record(stats, loss, lp, old)
-        metrics = {key: float(np.mean(v)) for key, v in stats.items()}
-        metrics.update(reward_mean=batch["rewards"].mean().item(), reward_std=batch["rewards"].std().item(),
-                       num_updates=float(len(stats["grad_norm"])))
+        metrics: dict[str, Tensor | float] = {key: torch.stack(v).mean() for key, v in stats.items()}
+        rewards = batch["rewards"].detach()
+        metrics.update(reward_mean=rewards.mean(), reward_std=rewards.std(), num_updates=float(len(stats["grad_norm"])))
         if "drift" in batch:
-            metrics["kl_to_start"] = batch["drift"].mean().item()
+            metrics["kl_to_start"] = batch["drift"].detach().mean()
         return metrics
 
-    def _sf_step(self, batch: dict[str, Tensor], i: Tensor, k: Tensor, stats: dict[str, list[float]]) -> None:
+    def _sf_step(self, batch: dict[str, Tensor], i: Tensor, k: Tensor, stats: dict[str, list[Tensor]]) -> None:
         """REINFORCE on all pairs at once: gradients accumulated over chunks, then a single optimiser step."""
         params = self.learner.params
         total = [torch.zeros_like(p) for p in params]
-        for chunk in torch.arange(len(i)).split(self.config.minibatch_size):
+        for chunk in torch.arange(len(i), device=i.device).split(self.config.minibatch_size):
             lp, old, adv = self._pair_terms(batch, i[chunk], k[chunk])
             loss = -(adv * lp).sum() / len(i)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -298,12 +336,12 @@ class DDPO:
         surrogate = sum((p * g).sum() for p, g in zip(params, total, strict=True))
         stats["grad_norm"].append(self.learner.step(surrogate)["grad_norm"])
 
-    def _record(self, stats: dict[str, list[float]], loss: Tensor, lp: Tensor, old: Tensor) -> None:
+    def _record(self, stats: dict[str, list[Tensor]], loss: Tensor, lp: Tensor, old: Tensor) -> None:
         with torch.no_grad():
             diff = lp - old
-            stats["loss"].append(loss.item())
-            stats["approx_kl"].append(0.5 * diff.pow(2).mean().item())
-            stats["clipfrac"].append((diff.exp().sub(1.0).abs() > self.config.clip_range).float().mean().item())
+            stats["loss"].append(loss.detach())
+            stats["approx_kl"].append(0.5 * diff.pow(2).mean())
+            stats["clipfrac"].append((diff.exp().sub(1.0).abs() > self.config.clip_range).to(diff.dtype).mean())
 
     def state_dict(self) -> dict:
         return {
@@ -313,6 +351,7 @@ class DDPO:
             "learner": self.learner.state_dict(),
             "tracker": self.tracker.state_dict(),
             "generator": self.generator.get_state(),
+            "generator_device": self.generator.device.type,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -320,7 +359,10 @@ class DDPO:
         self.reference.denoiser.load_state_dict(state["reference"])
         self.learner.load_state_dict(state["learner"])
         self.tracker.load_state_dict(state["tracker"])
-        self.generator.set_state(state["generator"])
+        if state.get("generator_device", "cpu") == self.generator.device.type:
+            self.generator.set_state(state["generator"].cpu())
+        else:  # a CPU and a CUDA generator's states do not convert: the stream starts over, as in :meth:`to`
+            self.generator.manual_seed(self.config.seed)
 
 
 def image_grid(images: Tensor, nrow: int, scale: int = 4, pad: int = 1) -> np.ndarray:
@@ -365,11 +407,11 @@ class SampleEvaluator:
         self._writer = None
 
     def images(self, agent: DDPO) -> Tensor:
-        return agent.sample(self.labels, torch.Generator().manual_seed(self.seed))
+        return agent.sample(self.labels.to(agent.device), torch.Generator(agent.device).manual_seed(self.seed))
 
     def __call__(self, agent: DDPO, step: int) -> dict[str, float]:
         images = self.images(agent)
-        rewards = self.reward_fn(images, agent.condition(self.labels)).float()
+        rewards = torch.as_tensor(self.reward_fn(images, agent.condition(self.labels.to(agent.device)))).double()
         if self.run_dir is not None:
             save_image_grid(self.run_dir / "grids" / f"{self.tag}_{step:06d}.png", images, self.nrow)
             if self._writer is None:

@@ -140,7 +140,7 @@ class DiffuserActor(nn.Module):
         values = None
         if self.value is not None:
             with torch.no_grad():
-                t0 = torch.full((x.shape[0],), self.model.schedule.t_min, device=x.device)
+                t0 = torch.full((x.shape[0],), self.model.schedule.t_min, device=x.device, dtype=x.dtype)
                 values = self.value(x, t0).view(batch, n)
             best = values.argmax(1)
             values = values.gather(1, best[:, None]).squeeze(1)

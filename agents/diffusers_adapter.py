@@ -9,6 +9,8 @@ Conditions are prompt/class ids (LongTensor (B,)), ``None`` meaning the uncondit
 for a ``UNet2DModel`` with class embeddings they are its ``class_labels`` and ``null_class`` stands for None;
 for a ``UNet2DConditionModel`` they index ``prompt_embeds`` (num_prompts, L, D), with ``null_embed`` (L, D) for
 None. diffusers is an optional dependency (``pip install diffrl[diffusers]``), imported only when used.
+Prompt embeddings are kept on the U-Net's device and in its dtype (and follow it with ``.to``); timesteps are
+computed on the device of x_t, in the dtype of t but at least float32 (bf16 cannot tell timestep 998 from 999).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from diffrl.device import module_device, module_dtype
 from diffrl.model import DiffusionModel
 from diffrl.schedules import DiscreteVP
 
@@ -33,14 +36,16 @@ class DiffusersDenoiser(nn.Module):
         if self.cross_attention:
             if prompt_embeds is None or null_embed is None or prompt_embeds.shape[1:] != null_embed.shape:
                 raise ValueError("a UNet2DConditionModel needs prompt_embeds (P, L, D) and null_embed (L, D)")
-            self.register_buffer("prompt_embeds", prompt_embeds.detach().clone())
-            self.register_buffer("null_embed", null_embed.detach().clone())
+            place = {"device": module_device(unet), "dtype": module_dtype(unet)}
+            self.register_buffer("prompt_embeds", prompt_embeds.detach().to(**place, copy=True))
+            self.register_buffer("null_embed", null_embed.detach().to(**place, copy=True))
         elif prompt_embeds is not None or null_embed is not None:
             raise ValueError("prompt_embeds / null_embed apply to UNet2DConditionModel only")
         self.null_class = null_class
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         batch = x_t.shape[0]
+        t = t.to(device=x_t.device, dtype=torch.promote_types(t.dtype, torch.float32))
         timestep = (t.reshape(-1).expand(batch) * self.num_train_timesteps - 1.0).clamp_min(0.0)
         if self.cross_attention:
             hidden = self.null_embed.expand(batch, *self.null_embed.shape) if cond is None else self.prompt_embeds[cond]

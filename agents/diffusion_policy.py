@@ -53,7 +53,7 @@ class DiffusionPolicyConfig:
     weight_decay: float = 1e-6
     lr_schedule: str = "cosine"
     warmup_steps: int = 500
-    total_steps: int = 100_000
+    total_steps: int | None = None  # learning-rate schedule horizon; None: the run's steps
     max_grad_norm: float | None = None
     ema_decay: float = 0.995
     ema_start: int = 0

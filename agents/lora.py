@@ -3,7 +3,7 @@
 A wrapped layer computes ``base(x) + (alpha / rank) * up(down(x))``. ``down`` has the base layer's receptive field
 (same kernel, stride, padding and dilation, ``rank`` output channels) and ``up`` is a 1x1 map to the base layer's
 outputs, initialised to zero, so a freshly adapted module computes exactly what it did before. The base weights
-are frozen; only the adapters train.
+are frozen; only the adapters train. The adapters are created on the base layer's device and in its dtype.
 """
 
 from __future__ import annotations
@@ -22,18 +22,19 @@ class LoRA(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if not isinstance(base, (nn.Linear, *_CONVS)):
+            raise TypeError(f"LoRA wraps nn.Linear and nn.Conv1d/2d/3d layers, got {type(base).__name__}")
+        place = {"device": base.weight.device, "dtype": base.weight.dtype}
         if isinstance(base, nn.Linear):
-            self.down: nn.Module = nn.Linear(base.in_features, rank, bias=False)
-            self.up: nn.Module = nn.Linear(rank, base.out_features, bias=False)
-        elif isinstance(base, _CONVS):
+            self.down: nn.Module = nn.Linear(base.in_features, rank, bias=False, **place)
+            self.up: nn.Module = nn.Linear(rank, base.out_features, bias=False, **place)
+        else:
             if base.groups != 1:
                 raise ValueError(f"LoRA supports convolutions with groups=1 only, got {base}")
             conv = type(base)
             self.down = conv(base.in_channels, rank, base.kernel_size, stride=base.stride, padding=base.padding,
-                             dilation=base.dilation, bias=False, padding_mode=base.padding_mode)
-            self.up = conv(rank, base.out_channels, 1, bias=False)
-        else:
-            raise TypeError(f"LoRA wraps nn.Linear and nn.Conv1d/2d/3d layers, got {type(base).__name__}")
+                             dilation=base.dilation, bias=False, padding_mode=base.padding_mode, **place)
+            self.up = conv(rank, base.out_channels, 1, bias=False, **place)
         nn.init.zeros_(self.up.weight)
         self.base = base.requires_grad_(False)
         self.scale = (alpha if alpha is not None else rank) / rank

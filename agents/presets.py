@@ -25,10 +25,16 @@ class Preset:
 
 
 def task_name(dataset: str) -> str:
-    """``hopper-medium-replay`` for ``hopper-medium-replay-v2``, a ``.hdf5`` path to it, or a Minari id's tail."""
-    name = PurePath(str(dataset)).name
-    for suffix in (".hdf5", ".h5"):
-        name = name.removesuffix(suffix)
+    """The task of a dataset name: ``hopper-medium-replay`` for ``hopper-medium-replay-v2``, a ``.hdf5`` path to
+    it, or the Minari id ``mujoco/hopper/medium-replay-v0``; ``pointnav`` for ``toy:pointnav``."""
+    text = str(dataset).removeprefix("toy:")
+    path = PurePath(text)
+    if path.suffix in (".hdf5", ".h5"):
+        name = path.stem
+    elif len(path.parts) >= 2:  # a Minari id: <namespace>/<env>/<level>
+        name = f"{path.parts[-2]}-{path.parts[-1]}"
+    else:
+        name = path.name
     return _VERSION.sub("", name.lower())
 
 

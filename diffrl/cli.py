@@ -8,6 +8,7 @@ results (JSON and CSV), the final policy and plots.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import runpy
@@ -110,18 +111,25 @@ def _evaluator(dataset, episodes: int, seed: int):
 
 
 def _fresh_spec(args) -> RunSpec:
-    """The run spec of a new run from the command line (agent config overrides applied and checked)."""
+    """The run spec of a new run from the command line: the agent's defaults, then the preset of the dataset's
+    task, then the ``field=value`` overrides; a learning-rate horizon left unset follows the run's steps."""
+    from agents.presets import apply_preset
+
     if not args.agent or not args.dataset:
         raise SystemExit("diffrl train needs AGENT and --dataset (or --resume RUN_DIR)")
-    config_cls, _ = resolve_agent(args.agent)
-    agent_config = apply_overrides(config_cls(), args.overrides)
-    train = config_to_dict(TrainConfig())
+    config_cls, agent_cls = resolve_agent(args.agent)
+    preset_config, preset_line = apply_preset(config_cls(), agent_cls.presets, args.dataset)
+    print(preset_line)
+    agent_config = apply_overrides(preset_config, args.overrides)
+    train = config_to_dict(TrainConfig(batch_size=agent_cls.default_batch_size))
     train.update({k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed),
                                     ("eval_every", args.eval_every), ("log_every", args.log_every),
                                     ("checkpoint_every", args.checkpoint_every), ("device", args.device),
                                     ("precision", args.precision)) if v is not None})
     train["checkpoint_every"] = train["checkpoint_every"] or max(1, train["steps"] // 5)
     del train["run_dir"]
+    if getattr(agent_config, "total_steps", 0) is None:
+        agent_config = dataclasses.replace(agent_config, total_steps=train["steps"])
     return RunSpec(args.agent.replace("-", "_"), args.dataset, config_to_dict(agent_config), train, args.eval_episodes)
 
 

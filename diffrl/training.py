@@ -141,7 +141,10 @@ class Learner:
             raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if lr_schedule != "constant" and (total_steps is None or total_steps <= warmup_steps):
+        if lr_schedule != "constant" and total_steps is None:
+            raise ValueError(f"lr_schedule={lr_schedule!r} needs total_steps, the schedule's horizon (diffrl train "
+                             "sets it to the run's --steps when the config leaves it unset)")
+        if lr_schedule != "constant" and total_steps <= warmup_steps:
             raise ValueError(
                 f"lr_schedule={lr_schedule!r} needs total_steps > warmup_steps ({warmup_steps}), got {total_steps}"
             )

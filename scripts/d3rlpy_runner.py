@@ -50,9 +50,9 @@ def algo_configs() -> dict:
     }
 
 
-def make_algo(name: str, seed: int):
+def make_algo(name: str, seed: int, device: str = "cpu:0"):
     d3rlpy.seed(seed)
-    return algo_configs()[name]().create(device="cpu:0")
+    return algo_configs()[name]().create(device=device)
 
 
 def main() -> None:
@@ -63,12 +63,13 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=0, help="default: only at the end")
     parser.add_argument("--eval-episodes", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu:0", help="d3rlpy device, e.g. cpu:0 or cuda:0")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
     dataset, attrs = load(args.dataset)
-    algo = make_algo(args.algo, args.seed)
+    algo = make_algo(args.algo, args.seed, args.device)
     env = gym.make(attrs["env_id"])
     env.reset(seed=args.seed + 10_000)
     every = args.eval_every or args.steps

@@ -231,7 +231,7 @@ def test_diffusers_unet_through_the_adapter():
         torch.testing.assert_close(agent._log_probs(agent.model, batch["latents"], batch["labels"]),
                                    batch["log_probs"], rtol=1e-5, atol=1e-2)
     metrics = agent.update(batch)
-    assert metrics["num_updates"] == 1 and all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    assert metrics["num_updates"] == 1 and all(torch.isfinite(torch.as_tensor(v)) for v in metrics.values())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers is not installed")

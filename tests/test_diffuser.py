@@ -27,7 +27,7 @@ def make_agent(dataset, **kw) -> Diffuser:
 def train(agent, dataset, steps=3, seed=0):
     gen = torch.Generator().manual_seed(seed)
     sample = agent.batch_sampler(dataset)
-    return [agent.update(sample(16, gen)) for _ in range(steps)]
+    return [{k: float(v) for k, v in agent.update(sample(16, gen)).items()} for _ in range(steps)]
 
 
 def test_registered():

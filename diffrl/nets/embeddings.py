@@ -17,8 +17,10 @@ from diffrl.nets.checks import check_shape
 
 
 def broadcast_time(t: Tensor, batch_size: int) -> Tensor:
-    """Diffusion times as a float tensor of shape (batch_size,), from a scalar or a (B,) tensor."""
-    return t.reshape(-1).expand(batch_size).float()
+    """Diffusion times as a floating tensor of shape (batch_size,), from a scalar or a (B,) tensor (integer steps
+    become float32; floating times keep their dtype)."""
+    t = t.reshape(-1).expand(batch_size)
+    return t if t.is_floating_point() else t.float()
 
 
 class _PhaseFeatures(nn.Module):
@@ -32,7 +34,7 @@ class _PhaseFeatures(nn.Module):
         self.dim = 2 * freqs.numel()
 
     def forward(self, t: Tensor) -> Tensor:
-        return torch.sin(torch.addcmul(self.phase, t[:, None], self.freqs))
+        return torch.sin(torch.addcmul(self.phase, t[:, None].to(self.freqs.dtype), self.freqs))
 
 
 def _check_even(dim: int, name: str) -> int:
@@ -89,7 +91,7 @@ class NullCondition(nn.Module):
         if emb is None:
             return self.null.expand(batch_size, -1)
         if self.training and self.drop_prob > 0.0:
-            drop = torch.rand(emb.shape[0], 1, device=emb.device) < self.drop_prob
+            drop = torch.rand(emb.shape[0], 1, device=emb.device, dtype=emb.dtype) < self.drop_prob
             emb = torch.where(drop, self.null.to(emb.dtype), emb)
         return emb
 
