@@ -1,5 +1,6 @@
-"""Every agent on one device: a few hundred updates and a short evaluation in fp32 and bf16, with updates per
-second, peak device memory and d3rlpy's TD3+BC on the same device beside them (when d3rlpy is installed).
+"""Every agent on one device: a few hundred updates and a short evaluation in fp32 and bf16 (DDPO: a few epochs
+on the package's digits-sized image model), with updates per second, peak device memory and d3rlpy's TD3+BC on
+the same device beside them (when d3rlpy is installed).
 
     python scripts/gpu_check.py --device cuda --dataset hopper-medium.hdf5 --out results/gpu
 
@@ -72,6 +73,29 @@ def check_agent(kind: str, dataset, device: torch.device, precision: str, steps:
             "final_metrics": {k: v for k, v in history[-1].items() if k != "step"} if history else {}}
 
 
+def check_ddpo(device: torch.device, precision: str, epochs: int, batch_size: int, sample_steps: int) -> dict:
+    """DDPO-IS epochs (sample, reward, update) on the package's 16x16 digits-sized image model, JPEG reward."""
+    from agents.ddpo import DDPO, DDPOConfig
+    from agents.digits import ImageModelConfig
+    from envs.image_rewards import jpeg_compressibility
+
+    torch.manual_seed(0)
+    model_config = ImageModelConfig()
+    agent = DDPO(DDPOConfig(sample_steps=sample_steps, minibatch_size=batch_size), model_config.build(),
+                 jpeg_compressibility, model_config.image_shape, model_config.num_classes).to(device)
+    train = TrainConfig(steps=epochs, batch_size=batch_size, log_every=epochs, progress=False, device=str(device),
+                        precision=precision)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    start = time.perf_counter()
+    history = Trainer(agent, agent.collect, train).fit()
+    synchronize(device)
+    return {"agent": "ddpo", "precision": precision, "steps": epochs, "batch_size": batch_size,
+            "steps_per_s": epochs / (time.perf_counter() - start), "eval_return": None, "peak_mib":
+            peak_memory_mib(device), "final_metrics": {k: v for k, v in history[-1].items() if k != "step"}}
+
+
 def check_d3rlpy(dataset_path: str, device: torch.device, steps: int) -> dict | None:
     """d3rlpy TD3+BC on the same device through scripts/d3rlpy_runner.py (None when d3rlpy is missing)."""
     try:
@@ -111,6 +135,9 @@ def main() -> None:
     parser.add_argument("--agents", default=",".join(KINDS))
     parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                         help="config field for every agent that has it (JSON value), e.g. horizon=8")
+    parser.add_argument("--ddpo-epochs", type=int, default=3, help="DDPO epochs (0: skip DDPO)")
+    parser.add_argument("--ddpo-batch", type=int, default=64, help="images sampled per DDPO epoch")
+    parser.add_argument("--ddpo-sample-steps", type=int, default=50, help="DDIM steps per DDPO sample")
     parser.add_argument("--out", help="folder for gpu_check.json and gpu_check.txt")
     args = parser.parse_args()
 
@@ -123,6 +150,10 @@ def main() -> None:
     for precision in args.precisions.split(","):
         for kind in args.agents.split(","):
             row = check_agent(kind, dataset, device, precision, args.steps, args.eval_steps, overrides)
+            print(table([row]).splitlines()[1], flush=True)
+            rows.append(row)
+        if args.ddpo_epochs:
+            row = check_ddpo(device, precision, args.ddpo_epochs, args.ddpo_batch, args.ddpo_sample_steps)
             print(table([row]).splitlines()[1], flush=True)
             rows.append(row)
     baseline = check_d3rlpy(args.dataset, device, args.steps)
