@@ -138,12 +138,17 @@ def q_regression_loss(q_values: Tensor, target: Tensor) -> Tensor:
     return (q_values - target.unsqueeze(0)).pow(2).mean(dim=-1).sum()
 
 
+def expectile_weights(diff: Tensor, tau: float) -> Tensor:
+    """``|tau - 1(diff < 0)|`` in the dtype and on the device of ``diff``."""
+    return tau + (1.0 - 2.0 * tau) * (diff < 0).to(diff.dtype)
+
+
 def expectile_loss(diff: Tensor, tau: float, reduction: str = "mean") -> Tensor:
     """Asymmetric squared loss ``|tau - 1(diff < 0)| diff^2``; tau = 0.5 gives half the MSE, tau > 0.5 an upper
     expectile."""
     if not 0.0 < tau < 1.0:
         raise ValueError(f"expectile tau must lie in (0, 1), got {tau}")
-    loss = torch.where(diff < 0, 1.0 - tau, tau) * diff.pow(2)
+    loss = expectile_weights(diff, tau) * diff.pow(2)
     if reduction == "none":
         return loss
     if reduction == "mean":
@@ -162,6 +167,6 @@ def iql_q_loss(q_values: Tensor, rewards: Tensor, terminals: Tensor, next_values
 
 
 def expectile_log_weights(advantage: Tensor, tau: float, eps: float = 1e-6) -> Tensor:
-    """log of IDQL's implicit-policy weights ``|tau - 1(A < 0)| / |A|`` (Hansen-Estruch et al. 2023)."""
-    factor = torch.where(advantage < 0, 1.0 - tau, tau)
-    return torch.log(factor) - torch.log(advantage.abs() + eps)
+    """log of IDQL's implicit-policy weights ``|tau - 1(A < 0)| / |A|`` (Hansen-Estruch et al. 2023; ``eps``
+    keeps A = 0 finite)."""
+    return torch.log(expectile_weights(advantage, tau)) - torch.log(advantage.abs() + eps)

@@ -48,12 +48,15 @@ def last_observation(obs: Tensor, obs_dim: int) -> Tensor:
 def choose(candidates: Tensor, logits: Tensor, greedy: bool, generator: torch.Generator | None = None) -> Tensor:
     """One of N candidate actions per state: argmax of ``logits`` or a draw from softmax(logits).
 
-    ``candidates`` (B, N, act_dim), ``logits`` (B, N) -> (B, act_dim).
+    ``candidates`` (B, N, act_dim), ``logits`` (B, N) -> (B, act_dim); float32 / float64 logits keep their dtype
+    (reduced-precision ones are drawn in float32).
     """
     if greedy:
         idx = logits.argmax(dim=1)
     else:
-        idx = torch.multinomial(torch.softmax(logits.float(), dim=1), 1, generator=generator).squeeze(1)
+        if logits.dtype not in (torch.float32, torch.float64):
+            logits = logits.float()
+        idx = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=generator).squeeze(1)
     return candidates[torch.arange(candidates.shape[0], device=candidates.device), idx]
 
 

@@ -39,9 +39,9 @@ N_SAMPLES = 1000
 
 def qgpo_config(steps: int) -> QGPOConfig:
     """Small networks; beta = 20 so that exp(beta r) separates the best mode; the behaviour model trains alone for
-    the first 3/4 of the budget (those steps are cheap), then 8 supports per state are drawn with 5 solver steps."""
-    return QGPOConfig(hidden=128, depth=3, critic_hidden=128, energy_hidden=128, behavior_lr=1e-3, n_support=8,
-                      support_steps=5, beta=20.0, behavior_warmup_steps=3 * steps // 4)
+    the first 3/4 of the budget on batches of 256, then 8 supports per state are drawn with 5 solver steps."""
+    return QGPOConfig(hidden=32, critic_hidden=128, energy_hidden=128, behavior_lr=1e-3, behavior_batch_size=256,
+                      n_support=8, support_steps=5, beta=20.0, behavior_steps=3 * steps // 4, total_steps=steps)
 
 
 def dql_config(steps: int) -> DiffusionQLConfig:
@@ -52,9 +52,10 @@ def dql_config(steps: int) -> DiffusionQLConfig:
 def fit(agent, dataset, steps: int, batch_size: int, seed: int) -> float:
     """``steps`` updates on uniform batches; returns the wall time."""
     g = torch.Generator().manual_seed(seed)
+    sample = agent.batch_sampler(dataset) if hasattr(agent, "batch_sampler") else dataset.sample
     start = time.perf_counter()
     for _ in range(steps):
-        agent.update(dataset.sample(batch_size, g))
+        agent.update(sample(batch_size, g))
     return time.perf_counter() - start
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from agents import AGENTS
+from agents.presets import apply_preset
 from diffrl.config import apply_overrides
 from diffrl.training import TrainConfig, Trainer
 from envs import OfflineDataset, evaluate, load_dataset
@@ -43,12 +44,17 @@ class TrainResult:
         return self.steps / max(self.train_seconds, 1e-9)
 
 
-def make_config(kind: str, overrides: list[str] | dict[str, Any] | None = None, steps: int | None = None) -> Any:
-    """The agent config of ``kind``: defaults, then ``total_steps = steps`` (LR schedules), then overrides."""
+def make_config(kind: str, overrides: list[str] | dict[str, Any] | None = None, steps: int | None = None,
+                dataset: str | None = None) -> Any:
+    """The agent config of ``kind``: defaults, the preset of ``dataset``'s task, ``total_steps = steps`` (LR
+    schedules), then overrides."""
     if kind not in AGENTS:
         raise ValueError(f"unknown agent {kind!r}; registered: {sorted(AGENTS)}")
-    config_cls, _ = AGENTS[kind]
+    config_cls, agent_cls = AGENTS[kind]
     config = config_cls()
+    if dataset is not None:
+        config, line = apply_preset(config, agent_cls.presets, dataset)
+        print(f"{kind}: {line}")
     if steps is not None and "total_steps" in {f.name for f in dataclasses.fields(config_cls)}:
         config = dataclasses.replace(config, total_steps=steps)
     if isinstance(overrides, dict):
@@ -91,7 +97,8 @@ def train(kind: str, dataset: OfflineDataset | str, config: Any = None, steps: i
     train_config = TrainConfig(steps=steps, batch_size=batch_size, seed=seed, log_every=log_every,
                                eval_every=eval_every if has_env else 0, checkpoint_every=checkpoint_every,
                                progress=progress, run_dir=None if run_dir is None else str(run_dir))
-    trainer = Trainer(agent, dataset.sample, train_config,
+    sampler = agent.batch_sampler(dataset) if hasattr(agent, "batch_sampler") else dataset.sample
+    trainer = Trainer(agent, sampler, train_config,
                       evaluate=evaluator(dataset, eval_episodes, seed + 10_000, eval_clock) if has_env else None)
     start_step = trainer.step
     start = time.perf_counter()
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     dataset = load_dataset(args.dataset)
-    config = make_config(args.agent, args.overrides, steps=args.steps)
+    config = make_config(args.agent, args.overrides, steps=args.steps, dataset=args.dataset)
     checkpoint_every = args.checkpoint_every or (max(1, args.steps // 5) if args.run_dir else 0)
     result = train(args.agent, dataset, config, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                    eval_every=args.eval_every, eval_episodes=args.eval_episodes, run_dir=args.run_dir,

@@ -32,7 +32,7 @@ def test_table_log_append_and_report(bench, tmp_path, capsys):
     assert sorted(r["agent"] for r in runs) == ["diffusion_ql", "qgpo"]
     by_agent = {r["agent"]: r for r in runs}
     assert by_agent["diffusion_ql"]["config"]["selection"] == "softmax"
-    assert by_agent["qgpo"]["config"]["guidance_scale"] == 2.0
+    assert by_agent["qgpo"]["config"]["behavior_batch_size"] == 256  # the CPU-budget override
     assert all(r["steps"] == 4 and [p["step"] for p in r["curve"]] == [1, 2, 3, 4] and r["steps_per_sec"] > 0
                for r in runs)
     assert (tmp_path / "offline_rl_curves.png").stat().st_size > 0

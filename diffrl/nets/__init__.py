@@ -9,6 +9,7 @@ from diffrl.nets.embeddings import (
     TimeCondEmbedding,
     TimeMLP,
 )
+from diffrl.nets.ln_resnet import LNResNet
 from diffrl.nets.mlp import ResidualMLP
 from diffrl.nets.transformer import DiT1D
 from diffrl.nets.unet1d import TemporalUNet1D, TemporalValueNet1D
@@ -19,6 +20,7 @@ __all__ = [
     "ConditionEncoder",
     "DiT1D",
     "FourierTimeEmbedding",
+    "LNResNet",
     "NullCondition",
     "ResidualMLP",
     "SinusoidalTimeEmbedding",
