@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from diffrl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from diffrl.checkpoint import CheckpointError, load_checkpoint, nonfinite_tensors, save_checkpoint
 from diffrl.device import autocast, check_precision, module_dtype, resolve_device
 
 #: kind -> builder(config dict) -> actor module.
@@ -99,6 +99,10 @@ class Policy:
     ``n_obs_steps`` are kept (the first one repeated after ``reset()``), and the actor is queried only when the
     queue of planned actions is empty, after which the first ``n_action_steps`` actions are executed one per call.
     With ``seed`` set, ``reset()`` re-seeds the sampler, so the same seed gives the same actions.
+
+    Observations are checked after the cast to the policy's dtype (so a float64 value beyond its range is refused,
+    not turned into infinity), and a planned chunk is checked for NaN / infinity before it enters the queue: a
+    refused call leaves the history and the queue as they were.
     """
 
     def __init__(self, actor: nn.Module, obs_normalizer: Any = None, action_normalizer: Any = None,
@@ -142,7 +146,8 @@ class Policy:
         self._queue: np.ndarray | None = None
         self._queue_pos = 0
 
-    def _check(self, obs: Any) -> np.ndarray:
+    def _check(self, obs: Any) -> Tensor:
+        """``obs`` as a CPU tensor of the policy's dtype, after checking its type, shape and values."""
         x = obs if isinstance(obs, np.ndarray) else np.asarray(obs)
         if x.dtype.kind not in "fiu":
             raise TypeError(f"observation must be a numeric array of shape ({self.obs_dim},) or (n, {self.obs_dim}), "
@@ -150,16 +155,19 @@ class Policy:
         if x.ndim not in (1, 2) or x.shape[-1] != self.obs_dim:
             raise ValueError(f"observation must have shape ({self.obs_dim},) or (n, {self.obs_dim}), "
                              f"got {x.shape}")
-        if not np.isfinite(x).all():
-            raise ValueError("observation contains NaN or infinite values")
-        return x
+        if x.shape[0] == 0:
+            raise ValueError(f"observation batch is empty (shape {x.shape}); give at least one observation")
+        t = torch.as_tensor(np.ascontiguousarray(x), dtype=self.dtype)
+        if not bool(torch.isfinite(t).all()):  # checked after the cast: 1e300 is infinite in float32
+            raise ValueError(f"observation contains NaN or infinite values, or values beyond the range of the "
+                             f"policy's {str(self.dtype).removeprefix('torch.')}")
+        return t
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         """The action(s) to execute now for observation(s) ``obs``."""
-        x = self._check(obs)
-        single = x.ndim == 1
-        t = torch.as_tensor(np.ascontiguousarray(x), dtype=self.dtype).to(self.device)
-        t = (t.view(-1, 1, self.obs_dim) - self._obs_mean) * self._obs_inv_std
+        t = self._check(obs)
+        single = t.dim() == 1
+        t = (t.to(self.device).view(-1, 1, self.obs_dim) - self._obs_mean) * self._obs_inv_std
         if self.n_obs_steps == 1 and self.n_action_steps == 1:  # stateless: any batch size on every call
             action = self._plan(t)[:, 0]
             return action[0] if single else action
@@ -167,15 +175,16 @@ class Policy:
         if self._history is not None and self._history.shape[0] != batch:
             raise ValueError(f"batch size changed from {self._history.shape[0]} to {batch} without reset()")
         if self.n_obs_steps == 1:
-            self._history = t
+            history = t
         elif self._history is None:
-            self._history = t.expand(batch, self.n_obs_steps, self.obs_dim).clone()
+            history = t.expand(batch, self.n_obs_steps, self.obs_dim).clone()
         else:
-            self._history = torch.cat([self._history[:, 1:], t], dim=1)
-        if self._queue is None or self._queue_pos >= self._queue.shape[1]:
-            self._queue, self._queue_pos = self._plan(self._history), 0
-        action = self._queue[:, self._queue_pos]
-        self._queue_pos += 1
+            history = torch.cat([self._history[:, 1:], t], dim=1)
+        queue, pos = self._queue, self._queue_pos
+        if queue is None or pos >= queue.shape[1]:
+            queue, pos = self._plan(history), 0  # raises before any state changes when the plan is not finite
+        self._history, self._queue, self._queue_pos = history, queue, pos + 1
+        action = queue[:, pos]
         return action[0] if single else action
 
     def _plan(self, history: Tensor) -> np.ndarray:
@@ -185,7 +194,10 @@ class Policy:
             if actions.dim() != 3 or actions.shape[0] != history.shape[0]:
                 raise RuntimeError(f"actor returned shape {tuple(actions.shape)}, expected (B, n_actions, act_dim)")
             actions = self._postprocess(actions[:, : self.n_action_steps])
-        return actions.float().cpu().numpy()
+        planned = actions.float().cpu().numpy()
+        if not np.isfinite(planned).all():
+            raise RuntimeError("the actor produced NaN or infinite actions (non-finite weights or normaliser?)")
+        return planned
 
     def _postprocess(self, actions: Tensor) -> Tensor:
         actions = torch.addcmul(self._act_mean, actions, self._act_std)
@@ -213,8 +225,15 @@ class Policy:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the policy (actor config and weights, normalisers, execution settings) to a checkpoint file."""
-        return save_checkpoint(path, self._payload(), kind=CHECKPOINT_KIND)
+        """Write the policy (actor config and weights, normalisers, execution settings) to a checkpoint file;
+        weights or normalisers holding NaN or infinity are refused."""
+        payload = self._payload()
+        settings = payload["policy"]
+        bad = nonfinite_tensors({"actor_state": payload["actor_state"],
+                                 **{k: settings[k] for k in ("obs_mean", "obs_std", "act_mean", "act_std")}})
+        if bad:
+            raise ValueError(f"not saving the policy to {path}: {', '.join(bad[:3])} hold NaN or infinite values")
+        return save_checkpoint(path, payload, kind=CHECKPOINT_KIND)
 
     def export_torchscript(self, path: str | os.PathLike, batch_size: int = 1) -> Path:
         """Save a TorchScript module ``raw obs history (B, n_obs_steps, obs_dim) -> raw actions (B, k, act_dim)``.

@@ -1,4 +1,10 @@
-"""Optimisation building blocks (EMA, Learner) and the one training loop (Trainer) used by every agent."""
+"""Optimisation building blocks (EMA, Learner) and the one training loop (Trainer) used by every agent.
+
+A non-finite update (NaN or infinite gradient norm) is never applied: the Learner skips it on the device, without
+reading anything back, and counts it. The Trainer reads the count when it logs and before it checkpoints, and
+then stops with a :class:`NonFiniteError` (``on_nonfinite="stop"``, the default) or logs how many updates it
+skipped (``"skip"``); a checkpoint whose agent state holds NaN or infinity is never written.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -19,12 +26,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffrl.checkpoint import atomic_open, load_checkpoint, save_checkpoint
+from diffrl.checkpoint import (
+    CheckpointError,
+    atomic_open,
+    load_checkpoint,
+    nonfinite_tensors,
+    remove_orphans,
+    save_checkpoint,
+)
 from diffrl.device import autocast, check_precision, resolve_device
 from diffrl.distributed import all_gather_object, all_reduce_mean, barrier, broadcast_tensors, rank, world_size
 from diffrl.seeding import derive_seed, get_rng_state, preserved_rng_state, seed_everything, set_rng_state
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or infinite loss, gradient norm or parameter."""
 
 
 class EMA:
@@ -107,6 +126,12 @@ class Learner:
     ``torch.distributed`` runs with several processes, clip to ``max_grad_norm``, set the scheduled learning
     rate, take the optimiser step and update the EMA. Agents hold one Learner per trained module.
 
+    An update whose gradient norm is NaN or infinite is skipped: parameters and optimiser moments stay as they
+    were (the update count, the LR schedule and the EMA, which averages towards the unchanged parameters, go on).
+    With the fused AdamW on float32 parameters the skip is decided on the device; otherwise it costs one read of
+    a flag. ``nonfinite_updates`` (a device tensor) counts the updates with a non-finite loss or gradient norm,
+    for the Trainer to read.
+
     The learning rate of update ``s`` (0-based) is ``lr * warmup(s) * decay(s)``: linear warmup
     ``(s + 1) / warmup_steps`` over the first ``warmup_steps`` updates, then for "cosine" / "linear" a decay
     from 1 to 0 over the remaining ``total_steps - warmup_steps`` updates. The EMA copies the parameters
@@ -133,6 +158,11 @@ class Learner:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("Learner needs at least one parameter that requires grad")
+        settings = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "max_grad_norm": max_grad_norm,
+                    "ema_decay": ema_decay}
+        for name, value in settings.items():
+            if value is not None and not all(math.isfinite(v) for v in (value if name == "betas" else (value,))):
+                raise ValueError(f"{name} must be finite, got {value}")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         if max_grad_norm is not None and max_grad_norm <= 0:
@@ -166,6 +196,7 @@ class Learner:
         self.optimizer = _make_adamw(self.params, lr=self.base_lr, betas=tuple(betas), weight_decay=weight_decay)
         self.ema = EMA(module, ema_decay) if ema_decay is not None else None
         self.scaler: torch.amp.GradScaler | None = None
+        self.nonfinite_updates = torch.zeros((), dtype=torch.int64, device=self.params[0].device)
 
     @property
     def ema_module(self) -> nn.Module | None:
@@ -215,11 +246,17 @@ class Learner:
             lr = self.lr_at(self.num_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            if self.scaler is not None:
+            bad = ~torch.isfinite(loss.detach())
+            if self.scaler is not None:  # the scaler skips overflowing steps itself; only the loss is counted
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
-                self.optimizer.step()
+                skip = ~torch.isfinite(grad_norm)  # the same on every rank: the gradients are averaged
+                self._step_unless(skip)
+                bad = bad | skip
+            if self.nonfinite_updates.device != bad.device:  # the parameters moved since the last update
+                self.nonfinite_updates = self.nonfinite_updates.to(bad.device)
+            self.nonfinite_updates += bad
         self.num_steps += 1
         if self.ema is not None:
             if self.num_steps <= self.ema_start:
@@ -228,11 +265,24 @@ class Learner:
                 self.ema.update()
         return {"grad_norm": grad_norm.detach(), "lr": lr}
 
+    def _step_unless(self, skip: torch.Tensor) -> None:
+        """The optimiser step, left out where ``skip`` is true: on the device with the fused kernel (its
+        ``found_inf`` input, float32 only), else after reading the flag."""
+        if self.optimizer.defaults.get("fused") and self.params[0].dtype == torch.float32:
+            self.optimizer.found_inf = skip.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not bool(skip):
+            self.optimizer.step()
+
     def state_dict(self) -> dict:
         return {
             "optimizer": self.optimizer.state_dict(),
             "num_steps": self.num_steps,
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "nonfinite_updates": self.nonfinite_updates.detach().clone(),
             **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
@@ -242,6 +292,8 @@ class Learner:
             raise ValueError(f"this Learner keeps {have} but the saved state has {got}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.num_steps = int(state["num_steps"])
+        if "nonfinite_updates" in state:  # absent from states saved before the count existed
+            self.nonfinite_updates.copy_(state["nonfinite_updates"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         if self.scaler is not None and "scaler" in state:
@@ -256,7 +308,10 @@ class TrainConfig:
     happen at multiples of their period, checkpoints at multiples of theirs and after the last step.
     ``run_dir`` receives ``tb/`` (TensorBoard), ``eval.csv``, ``eval.json`` and ``checkpoints/``.
     ``device`` (auto, cpu, cuda, cuda:N) is where the batch generator lives (the agent and the data must be
-    there too); ``precision`` (fp32, bf16, fp16) is the compute type of the updates.
+    there too); ``precision`` (fp32, bf16, fp16) is the compute type of the updates. ``on_nonfinite`` says what
+    a NaN / infinite loss or gradient norm does: ``stop`` raises :class:`NonFiniteError` at the next log or
+    checkpoint (the last checkpoint written stays the last good one), ``skip`` leaves such updates out and logs
+    their number as ``train/skipped_updates``.
     """
 
     steps: int = 100_000
@@ -270,9 +325,13 @@ class TrainConfig:
     run_dir: str | None = None
     device: str = "auto"
     precision: str = "fp32"
+    on_nonfinite: str = "stop"
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"TrainConfig.on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, "
+                             f"got {self.on_nonfinite!r}")
         positive = {"batch_size": self.batch_size, "log_every": self.log_every,
                     "keep_checkpoints": self.keep_checkpoints}
         non_negative = {"steps": self.steps, "seed": self.seed, "eval_every": self.eval_every,
@@ -292,6 +351,23 @@ def agent_kind(agent: Any) -> str:
     return getattr(agent, "kind", None) or type(agent).__name__
 
 
+def learners_of(agent: Any) -> list[Learner]:
+    """The Learners an agent holds as attributes (or in a dict / list / tuple attribute)."""
+    found: dict[int, Learner] = {}
+    for value in getattr(agent, "__dict__", {}).values():
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else [value]
+        found.update((id(item), item) for item in items if isinstance(item, Learner))
+    return list(found.values())
+
+
+def _step_of(path: Path) -> int:
+    return int(path.stem.split("_")[1])
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
 class Trainer:
     """The training loop shared by all agents: ``batch = sample_batch(batch_size, generator)``, then
     ``agent.update(batch)``, with logging, evaluation and checkpoints on rank 0.
@@ -301,7 +377,8 @@ class Trainer:
     and every rank's batch-generator and global RNG states, so a resumed run takes exactly the steps the
     uninterrupted run would have taken. Evaluation runs with the global RNG states saved and restored, so
     how often one evaluates does not change training; ``evaluate(agent, step)`` returns a dict of numbers and
-    must leave the agent as it found it.
+    must leave the agent as it found it. Temporary files of writes cut short by a killed process are removed
+    when ``fit`` starts.
     """
 
     def __init__(
@@ -328,6 +405,8 @@ class Trainer:
         self._sums: dict[str, Any] = {}  # floats or (device) tensors, read back every log_every steps
         self._count = 0
         self._started = False
+        self._learners = learners_of(agent)
+        self._last_checkpoint: Path | None = None
 
     @property
     def checkpoint_dir(self) -> Path | None:
@@ -336,12 +415,16 @@ class Trainer:
     def fit(self, resume: bool = False) -> list[dict[str, float]]:
         """Train up to ``config.steps`` updates and return the history of logged means and evaluations.
 
-        With ``resume=True`` the run continues from ``run_dir/checkpoints/latest.pt`` when it exists and starts
-        afresh otherwise. History records are ``{"step": s, "train/<metric>": mean, ...}`` and
+        With ``resume=True`` the run continues from its newest valid checkpoint when it has one and starts
+        afresh when it has none. History records are ``{"step": s, "train/<metric>": mean, ...}`` and
         ``{"step": s, "eval/<metric>": value, ...}``; non-main ranks return an empty history.
         """
         cfg = self.config
-        if resume and not self._started and self.checkpoint_dir and (self.checkpoint_dir / "latest.pt").exists():
+        if self.is_main and self.run_dir is not None:
+            for folder in (self.run_dir, self.checkpoint_dir):
+                if folder.is_dir():
+                    remove_orphans(folder)
+        if resume and not self._started and self.checkpoint_dir and self._checkpoint_files(self.checkpoint_dir):
             self.resume()
         if not self._started:
             seed_everything(derive_seed(cfg.seed, self.rank, 1))
@@ -367,6 +450,7 @@ class Trainer:
                     self._evaluate(writer)
                 if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                     self.save_checkpoint()
+            self._check_finite()
         finally:
             bar.close()
             if writer is not None:
@@ -378,9 +462,35 @@ class Trainer:
 
         return SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
 
+    def _check_finite(self, means: dict[str, float] | None = None) -> int:
+        """The number of non-finite updates counted since the last call with ``means`` (which also resets the
+        counts); raises NonFiniteError in ``stop`` mode when there are any or a logged mean is not finite."""
+        counts = [learner.nonfinite_updates for learner in self._learners]
+        local = sum(int(c) for c in counts) if counts else 0
+        if means is not None:
+            for c in counts:
+                c.zero_()
+        bad_means = [k for k, v in (means or {}).items() if not math.isfinite(v)]
+        gathered = all_gather_object((local, bad_means))  # every rank takes the same decision
+        total = sum(n for n, _ in gathered)
+        bad_means = sorted({k for _, keys in gathered for k in keys})
+        if self.config.on_nonfinite == "stop" and (total or bad_means):
+            what = f"{total} update(s) with a non-finite loss or gradient norm" if total else \
+                f"non-finite {', '.join(bad_means)}"
+            last = self._last_checkpoint or "none written"
+            raise NonFiniteError(f"training stopped at step {self.step}: {what} (NaN/inf); the last good checkpoint "
+                                 f"is {last}; lower the learning rate, or set on_nonfinite='skip' (diffrl train "
+                                 "--on-nonfinite skip) to leave such updates out")
+        return total
+
     def _log(self, writer, bar, clock: tuple[float, int]) -> tuple[float, int]:
         means = {f"train/{k}": float(v) / self._count for k, v in self._sums.items()}
         self._sums, self._count = {}, 0
+        skipped = self._check_finite(means)
+        if skipped:
+            means["train/skipped_updates"] = float(skipped)
+            tqdm.write(f"step {self.step}: skipped {skipped} update(s) with a non-finite loss or gradient norm",
+                       file=sys.stderr)
         now = time.perf_counter()
         if self.is_main:
             self.history.append({"step": self.step, **means})
@@ -421,19 +531,28 @@ class Trainer:
             json.dump(self.evaluations, f, indent=1)
 
     def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoints/step_XXXXXXX.pt`` and point ``latest.pt`` at it.
+        """Write ``checkpoints/step_XXXXXXX.pt`` and point ``latest.pt`` at it; keep the newest
+        ``keep_checkpoints`` step files.
 
         Every rank must call it (their RNG states are gathered into the file); rank 0 writes and returns the
-        path, the others return None once the file is complete.
+        path, the others return None once the file is complete. In ``stop`` mode a non-finite update since the
+        last check raises NonFiniteError first; an agent state holding NaN or infinity is never saved.
         """
         if self.checkpoint_dir is None:
             raise ValueError("cannot save a checkpoint: TrainConfig.run_dir is not set")
+        self._check_finite()
+        state = self.agent.state_dict()
+        bad = nonfinite_tensors(state)
+        if bad:
+            raise NonFiniteError(f"not saving the checkpoint of step {self.step}: the agent state holds NaN/inf in "
+                                 f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; the last good checkpoint "
+                                 f"is {self._last_checkpoint or 'none written'}")
         rng_states = all_gather_object({"global": get_rng_state(), "batches": self.generator.get_state()})
         if not self.is_main:
             barrier()
             return None
         payload = {
-            "agent": self.agent.state_dict(),
+            "agent": state,
             "step": self.step,
             "rng": rng_states,
             "history": self.history,
@@ -444,16 +563,18 @@ class Trainer:
         }
         path = save_checkpoint(self.checkpoint_dir / f"step_{self.step:07d}.pt", payload, agent_kind(self.agent))
         self._point_latest_to(path)
-        old = sorted(self.checkpoint_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        self._last_checkpoint = path
+        old = sorted(self.checkpoint_dir.glob("step_*.pt"), key=_step_of)
         for stale in old[: -self.config.keep_checkpoints]:
-            stale.unlink()
+            if stale != path:
+                stale.unlink()
         barrier()
         return path
 
     def _point_latest_to(self, path: Path) -> None:
         """Atomically replace latest.pt by a hard link to ``path`` (a copy where links are unsupported)."""
         latest = path.with_name("latest.pt")
-        tmp = path.with_name(".latest.pt.link")
+        tmp = path.with_name(".latest.pt.tmp")  # a name remove_orphans() clears after a kill
         tmp.unlink(missing_ok=True)
         try:
             os.link(path, tmp)
@@ -462,21 +583,56 @@ class Trainer:
                 shutil.copyfileobj(src, dst)
         os.replace(tmp, latest)
 
+    @staticmethod
+    def _checkpoint_files(folder: Path) -> list[Path]:
+        """Step files, newest first, then ``latest.pt`` (a link to the newest one written)."""
+        steps = sorted(folder.glob("step_*.pt"), key=_step_of, reverse=True)
+        return steps + [p for p in (folder / "latest.pt",) if p.is_file()]
+
+    def _newest_valid(self, folder: Path) -> tuple[Path, dict]:
+        """The newest checkpoint in ``folder`` that loads and passes its checksum, and its payload; damaged
+        newer step files are renamed to ``*.damaged`` so that they neither shadow nor prune the new ones."""
+        files = self._checkpoint_files(folder)
+        if not files:
+            raise FileNotFoundError(f"no checkpoint in {folder}")
+        errors = []
+        for path in files:
+            try:
+                payload = load_checkpoint(path, expected_kind=agent_kind(self.agent))
+            except CheckpointError as err:
+                errors.append((path, err))
+                continue
+            barrier()  # every rank has read its checkpoint before rank 0 renames anything
+            for damaged, err in errors:
+                if self.is_main:
+                    tqdm.write(f"skipping a damaged checkpoint: {_one_line(err)}", file=sys.stderr)
+                    if damaged.name != "latest.pt":
+                        damaged.replace(damaged.with_name(damaged.name + ".damaged"))
+            return path, payload
+        raise CheckpointError(f"no usable checkpoint in {folder}: {_one_line(errors[0][1])}"
+                              + (f" (and {len(errors) - 1} older file(s) unusable too)" if len(errors) > 1 else ""))
+
     def resume(self, run_dir: str | os.PathLike | None = None) -> int:
-        """Load ``<run_dir>/checkpoints/latest.pt`` (default: the config's run_dir); returns the step reached.
+        """Load the newest valid checkpoint of ``<run_dir>/checkpoints`` (default: the config's run_dir); returns
+        the step reached.
 
         Later logs and checkpoints still go to the config's run_dir.
         """
         source = Path(run_dir) if run_dir is not None else self.run_dir
         if source is None:
             raise ValueError("resume() needs a run_dir: none given and TrainConfig.run_dir is not set")
-        payload = load_checkpoint(source / "checkpoints" / "latest.pt", expected_kind=agent_kind(self.agent))
+        path, payload = self._newest_valid(source / "checkpoints")
         if len(payload["rng"]) != self.world_size:
             raise ValueError(
                 f"checkpoint was written by {len(payload['rng'])} processes; resume with the same number "
                 f"(this run has {self.world_size})"
             )
-        self.agent.load_state_dict(payload["agent"])
+        try:
+            self.agent.load_state_dict(payload["agent"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"{path} does not fit this agent (was its config changed?): {_one_line(err)}") \
+                from err
+        self._last_checkpoint = path
         self.step = payload["step"]
         self.history = payload["history"] if self.is_main else []
         self.evaluations = payload["evaluations"] if self.is_main else []

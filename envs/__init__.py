@@ -2,7 +2,7 @@
 
 from envs.collect import collect
 from envs.datasets import Normalizer, OfflineDataset, SequenceDataset, load_dataset
-from envs.evaluation import EvalResult, SB3PolicyAdapter, evaluate
+from envs.evaluation import EvalResult, SB3PolicyAdapter, check_env, evaluate
 from envs.minari_io import make_env
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "OfflineDataset",
     "SB3PolicyAdapter",
     "SequenceDataset",
+    "check_env",
     "collect",
     "evaluate",
     "load_dataset",

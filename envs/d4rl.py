@@ -126,6 +126,9 @@ def read_d4rl_hdf5(path: str | os.PathLike, name: str | None = None) -> OfflineD
     when present; otherwise D4RL's reference scores are looked up by the robot in the name.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a dataset file (give a D4RL-layout .hdf5 file, a Minari id "
+                         "or toy:<name>)")
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
     try:
@@ -133,11 +136,19 @@ def read_d4rl_hdf5(path: str | os.PathLike, name: str | None = None) -> OfflineD
     except OSError as e:
         raise ValueError(f"{path} is not a readable HDF5 file: {e}") from e
     with f:
+        for key in REQUIRED_KEYS + OPTIONAL_KEYS:
+            if isinstance(f.get(key), h5py.Group):
+                raise ValueError(f"{path}: '{key}' is an HDF5 group, expected an array (an HDF5 dataset)")
         missing = [k for k in REQUIRED_KEYS if not isinstance(f.get(k), h5py.Dataset)]
         if missing:
             raise ValueError(f"{path} is not in D4RL layout: missing keys {missing} "
                              f"(found {sorted(f.keys())}; required {list(REQUIRED_KEYS)})")
-        data = {k: f[k][()] for k in REQUIRED_KEYS + OPTIONAL_KEYS if isinstance(f.get(k), h5py.Dataset)}
+        data = {}
+        for key in (k for k in REQUIRED_KEYS + OPTIONAL_KEYS if k in f):
+            try:
+                data[key] = f[key][()]
+            except OSError as e:  # a truncated or damaged file
+                raise ValueError(f"{path}: cannot read '{key}' (damaged or truncated file?): {e}") from e
         env_id = _attr(f.attrs, "env_id")
         ref_min, ref_max = _attr(f.attrs, "ref_min_score"), _attr(f.attrs, "ref_max_score")
     name = name or path.stem

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -152,8 +153,16 @@ class OfflineDataset:
         self._normalizers: dict[str, Normalizer] = {}
 
     # ----------------------------------------------------------------------------------------- validation
+    def _numeric(self, field: str, data: ArrayLike) -> torch.Tensor:
+        if isinstance(data, torch.Tensor):
+            return data
+        array = np.asarray(data)
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"{self.source}: field '{field}' must hold numbers, got dtype {array.dtype}")
+        return torch.as_tensor(array)
+
     def _float_field(self, field: str, data: ArrayLike, ndim: int, n: int | None = None) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data)
+        t = self._numeric(field, data)
         if t.ndim == 1 and ndim == 2:
             t = t.reshape(-1, 1)
         elif t.ndim == 2 and ndim == 1 and t.shape[1] == 1:
@@ -173,7 +182,7 @@ class OfflineDataset:
     def _bool_field(self, field: str, data: ArrayLike | None, n: int) -> torch.Tensor:
         if data is None:
             return torch.zeros(n, dtype=torch.bool)
-        t = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data).reshape(-1)
+        t = self._numeric(field, data).reshape(-1)
         if len(t) != n:
             raise ValueError(f"{self.source}: length mismatch, field '{field}' has {len(t)} rows but "
                              f"'observations' has {n}")
@@ -219,6 +228,16 @@ class OfflineDataset:
         if not len(self):
             return np.zeros(0)
         return np.add.reduceat(self.rewards.cpu().numpy().astype(np.float64), self._starts)
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the transitions (every field's values, dtype and shape): the same data gives the same
+        fingerprint wherever it is loaded from."""
+        h = hashlib.sha256()
+        for field in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts"):
+            t = getattr(self, field).detach().cpu().contiguous()
+            h.update(f"{field}:{t.dtype}{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def returns_to_go(self, discount: float = 1.0) -> torch.Tensor:
         """(N,) discounted sum of rewards from each step to the end of its episode (the rewards' device, dtype)."""
@@ -409,14 +428,22 @@ class SequenceDataset:
 _MINARI_ID = re.compile(r"^[\w.-]+(/[\w.-]+)+$")
 
 
-def load_dataset(spec: str | os.PathLike, **kw: Any) -> OfflineDataset:
-    """Load an offline dataset.
+def load_dataset(spec: str | os.PathLike, *, trust_env: bool = False, **kw: Any) -> OfflineDataset:
+    """Load an offline dataset; an empty one is refused.
 
     ``spec`` is one of: a path to a D4RL-layout ``.hdf5`` file; a D4RL name such as ``"hopper-medium-v2"``
     (looked up in ``$D4RL_DATASET_DIR`` or ``~/.d4rl/datasets``); a Minari id such as
     ``"mujoco/hopper/medium-v0"`` (local storage first, download only when online); or ``"toy:<name>"``
-    (see `envs.toy`). Keyword arguments go to the specific loader.
+    (see `envs.toy`). ``trust_env`` lets a Minari dataset run the environment entry point it records (see
+    `envs.minari_io`). Other keyword arguments go to the specific loader.
     """
+    dataset = _load(spec, trust_env, **kw)
+    if not len(dataset):
+        raise ValueError(f"{dataset.source}: the dataset holds no transitions")
+    return dataset
+
+
+def _load(spec: str | os.PathLike, trust_env: bool, **kw: Any) -> OfflineDataset:
     from envs import d4rl, minari_io, toy
 
     if isinstance(spec, os.PathLike) or Path(str(spec)).suffix.lower() in (".hdf5", ".h5"):
@@ -427,7 +454,7 @@ def load_dataset(spec: str | os.PathLike, **kw: Any) -> OfflineDataset:
     if d4rl.is_d4rl_name(spec):
         return d4rl.load_d4rl_name(spec, **kw)
     if _MINARI_ID.match(spec) and not os.path.exists(spec):
-        return minari_io.load_minari(spec, **kw)
+        return minari_io.load_minari(spec, trust_env=trust_env, **kw)
     if os.path.exists(spec):
         return d4rl.read_d4rl_hdf5(spec, **kw)
     candidates = d4rl.known_names() + toy.known_names() + minari_io.local_dataset_ids()

@@ -79,10 +79,11 @@ def _flat_obs(factory: Callable[[], gym.Env]) -> Callable[[], gym.Env]:
     return make
 
 
-def _resolve_env(env: EnvSpec, max_episode_steps: int | None) -> tuple[Callable[[], gym.Env], OfflineDataset | None]:
+def _resolve_env(env: EnvSpec, max_episode_steps: int | None,
+                 trust_env: bool = False) -> tuple[Callable[[], gym.Env], OfflineDataset | None]:
     kwargs = {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
     if isinstance(env, (str, OfflineDataset)):
-        return (lambda: make_env(env, **kwargs)), (env if isinstance(env, OfflineDataset) else None)
+        return (lambda: make_env(env, trust_env, **kwargs)), (env if isinstance(env, OfflineDataset) else None)
     if isinstance(env, gym.Env):
         return (lambda: env), None
     if callable(env):
@@ -90,9 +91,9 @@ def _resolve_env(env: EnvSpec, max_episode_steps: int | None) -> tuple[Callable[
     raise TypeError(f"env must be an env id, an OfflineDataset, a gymnasium.Env or an env factory, got {type(env)}")
 
 
-def _check_spaces(vec: SyncVectorEnv, dataset: OfflineDataset | None) -> None:
-    obs_space, act_space = vec.single_observation_space, vec.single_action_space
-    env_name = vec.envs[0].spec.id if vec.envs[0].spec is not None else type(vec.envs[0].unwrapped).__name__
+def _check_spaces(env: gym.Env, dataset: OfflineDataset | None) -> None:
+    obs_space, act_space = env.observation_space, env.action_space
+    env_name = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
     if not isinstance(act_space, gym.spaces.Box):
         raise ValueError(f"env {env_name!r}: only continuous (Box) action spaces are supported, got {act_space}")
     if dataset is None:
@@ -104,6 +105,15 @@ def _check_spaces(vec: SyncVectorEnv, dataset: OfflineDataset | None) -> None:
             f"but env {env_name!r} has observation shape {obs_space.shape}, action shape {act_space.shape}")
 
 
+def check_env(dataset: OfflineDataset, trust_env: bool = False) -> None:
+    """Build the dataset's environment once and check that its spaces fit the data (before any training)."""
+    env = _flat_obs(_resolve_env(dataset, None, trust_env)[0])()
+    try:
+        _check_spaces(env, dataset)
+    finally:
+        env.close()
+
+
 def evaluate(
     policy: Any,
     env: EnvSpec,
@@ -113,6 +123,7 @@ def evaluate(
     max_episode_steps: int | None = None,
     progress: bool = False,
     ref_scores: tuple[float, float] | None = None,
+    trust_env: bool = False,
 ) -> EvalResult:
     """Roll out ``policy`` for ``episodes`` episodes and return their returns, lengths and normalised scores.
 
@@ -123,15 +134,16 @@ def evaluate(
     policy is ``reset()`` before each batch, finished envs are masked (their rows keep the final observation;
     nothing after the end is counted). Episode ``i`` is seeded with ``seed + i``, so results do not depend on
     ``num_envs`` for a deterministic policy. Actions are clipped to the action space. The normalised score
-    uses ``ref_scores``, else the dataset's reference scores, else D4RL's for the env's robot.
+    uses ``ref_scores``, else the dataset's reference scores, else D4RL's for the env's robot. ``trust_env``
+    lets a Minari dataset's environment run the entry point the dataset records (see `envs.minari_io`).
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    factory, dataset = _resolve_env(env, max_episode_steps)
+    factory, dataset = _resolve_env(env, max_episode_steps, trust_env)
     n = 1 if isinstance(env, gym.Env) else min(num_envs or min(episodes, 10), episodes)
     vec = SyncVectorEnv([_flat_obs(factory) for _ in range(n)])
     try:
-        _check_spaces(vec, dataset)
+        _check_spaces(vec.envs[0], dataset)
         if ref_scores is None and dataset is not None and dataset.ref_min_score is not None:
             ref_scores = (dataset.ref_min_score, dataset.ref_max_score)
         if ref_scores is None and vec.envs[0].spec is not None:

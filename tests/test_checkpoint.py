@@ -14,7 +14,10 @@ from diffrl.checkpoint import (
     CheckpointError,
     atomic_open,
     load_checkpoint,
+    nonfinite_tensors,
+    payload_digest,
     read_header,
+    remove_orphans,
     save_checkpoint,
 )
 from diffrl.seeding import derive_seed, get_rng_state, preserved_rng_state, seed_everything, set_rng_state
@@ -47,8 +50,8 @@ def test_roundtrip_converts_numpy_dataclasses_and_paths(tmp_path):
     assert out["config"] == {"hidden": 64, "solver": "ddim", "out": "runs/x"}
     assert out["nested"][:2] == [1, (2.5, "a", None, True)] and out["nested"][2]["deep"].tolist() == [0, 1, 2]
     header = read_header(path)
-    assert header == {"format": "diffrl", "format_version": FORMAT_VERSION,
-                      "diffrl_version": diffrl.__version__, "kind": "diffusion_bc"}
+    assert header == {"format": "diffrl", "format_version": FORMAT_VERSION, "diffrl_version": diffrl.__version__,
+                      "kind": "diffusion_bc", "payload_sha256": payload_digest(out)}
     assert list(tmp_path.joinpath("sub").iterdir()) == [path]  # no temporary files left behind
 
 
@@ -121,7 +124,8 @@ def test_newer_format_version(tmp_path):
     path = tmp_path / "future.pt"
     header = {"format": "diffrl", "format_version": FORMAT_VERSION + 1, "diffrl_version": "9.0.0", "kind": "qgpo"}
     torch.save({"header": header, "payload": {}}, path)
-    with pytest.raises(CheckpointError, match="diffrl 9.0.0 in checkpoint format 2.*upgrade diffrl"):
+    newer = f"diffrl 9.0.0 in checkpoint format {FORMAT_VERSION + 1}.*upgrade diffrl"
+    with pytest.raises(CheckpointError, match=newer):
         load_checkpoint(path)
 
 
@@ -142,3 +146,77 @@ def test_atomic_open_keeps_old_file_on_failure(tmp_path):
         raise RuntimeError("killed mid-write")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def _flip_tensor_bytes(path: Path, needle: bytes, count: int = 64) -> None:
+    """Flip ``count`` bytes inside the stored bytes of the tensor that starts with ``needle``."""
+    data = bytearray(path.read_bytes())
+    start = data.index(needle)
+    for i in range(start, start + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_are_refused_by_the_checksum(tmp_path):
+    weights = torch.arange(256, dtype=torch.float32) + 0.5
+    path = save_checkpoint(tmp_path / "a.pt", {"w": weights, "bf16": weights.bfloat16(), "n": 3}, kind="policy")
+    assert torch.equal(load_checkpoint(path)["w"], weights)
+    _flip_tensor_bytes(path, weights.numpy().tobytes()[:16])
+    with pytest.raises(CheckpointError, match="a.pt is corrupted: its contents do not match the checksum"):
+        load_checkpoint(path)
+
+
+def test_digest_covers_types_structure_and_values():
+    base = {"a": [1, 2.0, (True, None)], "t": torch.zeros(2), "s": "x"}
+    variants = [{**base, "a": [1, 2, (True, None)]}, {**base, "a": [1, 2.0, [True, None]]},
+                {**base, "t": torch.zeros(2, dtype=torch.float64)}, {**base, "t": torch.zeros(1, 2)},
+                {**base, "s": "y"}, {"t": base["t"], "a": base["a"], "s": "x"}]
+    digests = {payload_digest(v) for v in variants}
+    assert len(digests) == len(variants) and payload_digest(base) not in digests
+    assert payload_digest(base) == payload_digest({"a": [1, 2.0, (True, None)], "t": torch.zeros(2), "s": "x"})
+
+
+def test_format_1_files_without_a_checksum_still_load(tmp_path):
+    path = tmp_path / "old.pt"
+    header = {"format": "diffrl", "format_version": 1, "diffrl_version": "0.1.0", "kind": "qgpo"}
+    torch.save({"header": header, "payload": {"w": torch.ones(2)}}, path)
+    assert torch.equal(load_checkpoint(path, expected_kind="qgpo")["w"], torch.ones(2))
+
+
+def test_random_bytes_are_not_a_pytorch_file(tmp_path):
+    path = tmp_path / "latest.pt"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(CheckpointError, match=r"latest.pt is not a diffrl checkpoint \(not a PyTorch file\)"):
+        load_checkpoint(path)
+
+
+def test_remove_orphans_deletes_only_temporaries_of_atomic_writes(tmp_path):
+    keep = tmp_path / "step_0000010.pt"
+    keep.write_bytes(b"x")
+    (tmp_path / ".step_0000020.pt.abc123.tmp").write_bytes(b"partial")
+    (tmp_path / ".latest.pt.tmp").write_bytes(b"link")
+    (tmp_path / "notes.tmp").write_text("a user's file, not hidden")
+    removed = remove_orphans(tmp_path)
+    assert sorted(p.name for p in removed) == [".latest.pt.tmp", ".step_0000020.pt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp", "step_0000010.pt"]
+
+
+def test_atomic_open_names_the_file_when_the_disk_is_full(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=r"cannot write .*f.bin: No space left on device"), \
+            atomic_open(tmp_path / "f.bin") as f:
+        f.write(b"data")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nonfinite_tensors_names_the_entries():
+    tree = {"net": {"w": torch.tensor([1.0, float("nan")]), "b": torch.zeros(2)},
+            "moments": [torch.ones(1), torch.tensor([float("inf")])], "steps": torch.tensor([3])}
+    assert nonfinite_tensors(tree) == ["net.w", "moments.1"]
+    assert nonfinite_tensors({"w": torch.ones(3)}) == []

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -115,11 +114,9 @@ def test_eval_rejects_a_checkpoint_of_another_agent(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "diffrl",
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # --standalone: torchrun binds its own rendezvous store on a port the OS picks, so no port can be taken meanwhile
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "diffrl",
            "train", "diffusion_bc", "--dataset", "toy:pointnav", "--steps", "20", "--batch-size", "32",
            "--eval-episodes", "0", "--run-dir", str(run), *TINY]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

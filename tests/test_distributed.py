@@ -1,9 +1,9 @@
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from toy_agent import ToyAgent, sample_batch
@@ -37,11 +37,12 @@ def _trainer_run(run_dir: Path, steps: int, agent_seed: int, resume: bool) -> To
     return agent
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    assert D.init_distributed() == torch.device("cpu")
+    # a file rendezvous: no port to find free (the torchrun test in test_cli.py covers the env:// path)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    assert D.init_distributed() == torch.device("cpu")  # joins the group that is up
     try:
         assert (D.rank(), D.world_size(), D.is_main_process()) == (rank, WORLD, rank == 0)
         assert D.all_reduce_mean(torch.tensor([float(rank)])).item() == 0.5
@@ -65,15 +66,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         D.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_single_process_gradient_accumulation(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     net = _mlp(seed=0)

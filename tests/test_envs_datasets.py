@@ -214,3 +214,14 @@ def test_missing_d4rl_file_gives_download_url(tmp_path, monkeypatch):
     assert d4rl_url("walker2d-medium-replay-v2") == url
     with pytest.raises(FileNotFoundError, match=url):
         load_dataset("walker2d-medium-replay-v2")
+
+
+def test_fingerprint_follows_the_data_not_the_file(tmp_path):
+    from envs.toy import make_pointnav_dataset
+
+    data = make_pointnav_dataset(n_episodes=5, seed=0)
+    a = read_d4rl_hdf5(write_d4rl_hdf5(tmp_path / "a.hdf5", data))
+    b = read_d4rl_hdf5(write_d4rl_hdf5(tmp_path / "elsewhere" / "b.hdf5", data, compression="gzip"))
+    assert a.fingerprint() == b.fingerprint() == data.fingerprint()
+    data.rewards[3] += 1.0
+    assert data.fingerprint() != a.fingerprint()

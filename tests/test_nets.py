@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -297,8 +296,6 @@ def test_gradient_reaches_every_parameter(name):
      ("dit", 200, 3e-3), ("unet2d", 200, 3e-3)],
 )
 def test_overfits_fixed_target(name, steps, lr):
-    start = time.perf_counter()
     first, last = _fit(make(name, nondegenerate=False).train(), name, steps, lr)
     assert last < first / 10, f"{name}: loss {first:.3g} -> {last:.3g}"
     assert math.isfinite(last)
-    assert time.perf_counter() - start < 20

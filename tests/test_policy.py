@@ -1,6 +1,7 @@
 """Policy: shapes, seeding, the action queue, bad input, checkpoint round trips and TorchScript export."""
 
 import json
+import math
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -93,6 +94,41 @@ def test_batched_queue_rejects_batch_change_without_reset():
 def test_bad_observations_raise_clear_errors(bad, error, match):
     with pytest.raises(error, match=match):
         policy().act(bad)
+
+
+def test_observations_are_checked_after_the_cast_and_keep_the_queue_clean():
+    p = policy()
+    with pytest.raises(ValueError, match="beyond the range of the policy's float32"):
+        p.act(np.array([1e300, 0.0, 0.0]))  # finite in float64, infinite in float32
+    with pytest.raises(ValueError, match="observation batch is empty"):
+        p.act(np.zeros((0, OBS)))
+    chunked, clean = (policy(seed=4, n_obs_steps=2, n_action_steps=2, horizon=4, net="unet1d") for _ in range(2))
+    obs = np.random.default_rng(3).normal(size=(5, OBS))
+    for i, o in enumerate(obs):
+        if i in (1, 2):  # a refused observation changes neither the history nor the planned actions
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                chunked.act(np.full(OBS, 1e300))
+        assert np.array_equal(chunked.act(o), clean.act(o))
+
+
+def test_a_non_finite_plan_never_enters_the_queue():
+    p = policy(n_obs_steps=2, n_action_steps=2, horizon=4, net="unet1d")
+    forward = p.actor.forward
+    p.actor.forward = lambda obs, generator=None: forward(obs, generator) * math.nan
+    with pytest.raises(RuntimeError, match="NaN or infinite actions"):
+        p.act(np.zeros(OBS))
+    assert p._queue is None and p._history is None
+    p.actor.forward = forward
+    assert np.isfinite(p.act(np.zeros(OBS))).all()
+
+
+def test_save_refuses_non_finite_weights(tmp_path):
+    p = policy()
+    with torch.no_grad():
+        next(p.actor.parameters()).fill_(math.inf)
+    with pytest.raises(ValueError, match="not saving the policy .* hold NaN or infinite values"):
+        p.save(tmp_path / "policy.pt")
+    assert not (tmp_path / "policy.pt").exists()
 
 
 def test_save_load_round_trip_gives_identical_actions(tmp_path):

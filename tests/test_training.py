@@ -271,3 +271,93 @@ def test_trainer_errors(tmp_path):
 def test_fit_resume_without_checkpoint_starts_fresh(tmp_path, uninterrupted):
     agent, _, _ = _run(tmp_path, steps=40, resume=True)
     assert _same(agent, uninterrupted[0])
+
+
+# ---------------------------------------------------------------- non-finite updates
+
+
+def _state(net: nn.Module, learner: Learner) -> list[torch.Tensor]:
+    moments = [v for s in learner.optimizer.state.values() for k, v in sorted(s.items()) if k != "step"]
+    return [p.detach().clone() for p in net.parameters()] + [m.clone() for m in moments]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # fused kernel skip / flag read
+def test_a_non_finite_update_is_left_out_and_counted(dtype):
+    net = _mlp().to(dtype)
+
+    def loss(step):
+        g = torch.Generator().manual_seed(step)
+        return ((net(torch.randn(8, 3, generator=g, dtype=dtype)) - 1) ** 2).mean()
+
+    learner = Learner(net, lr=1e-2, max_grad_norm=1.0)
+    learner.step(loss(0))
+    before = _state(net, learner)
+    for bad in (float("nan"), float("inf")):
+        metrics = learner.step(loss(1) * bad)
+        assert not torch.isfinite(metrics["grad_norm"])
+    assert all(torch.equal(a, b) for a, b in zip(before, _state(net, learner), strict=True))
+    assert learner.nonfinite_updates.item() == 2 and learner.num_steps == 3
+    learner.step(loss(2))
+    assert not all(torch.equal(a, b) for a, b in zip(before, _state(net, learner), strict=True))
+    assert learner.nonfinite_updates.item() == 2
+    assert learner.state_dict()["nonfinite_updates"].item() == 2
+
+
+def test_learner_rejects_non_finite_settings():
+    for kwargs in ({"lr": math.inf}, {"lr": math.nan}, {"max_grad_norm": math.inf}, {"weight_decay": math.nan},
+                   {"betas": (0.9, math.inf)}):
+        with pytest.raises(ValueError, match="must be finite"):
+            Learner(_mlp(), **kwargs)
+    with pytest.raises(ValueError, match="on_nonfinite must be one of stop, skip"):
+        TrainConfig(on_nonfinite="ignore")
+
+
+def _poisoned(at: set[int]):
+    calls = {"n": 0}
+
+    def sample(batch_size, generator):
+        calls["n"] += 1
+        batch = sample_batch(batch_size, generator)
+        return {**batch, "y": batch["y"] * math.nan} if calls["n"] in at else batch
+
+    return sample
+
+
+def test_stop_mode_raises_at_the_next_log_and_keeps_the_last_good_checkpoint(tmp_path):
+    from diffrl.training import NonFiniteError
+
+    config = TrainConfig(steps=40, batch_size=16, log_every=3, checkpoint_every=10, progress=False,
+                         run_dir=str(tmp_path))
+    trainer = Trainer(ToyAgent(), _poisoned({13}), config)
+    with pytest.raises(NonFiniteError, match=r"stopped at step 15: 1 update\(s\) with a non-finite loss.*"
+                                             r"last good checkpoint is .*step_0000010.pt"):
+        trainer.fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.pt", "step_0000010.pt"]
+
+
+def test_stop_mode_is_checked_before_a_checkpoint_between_logs(tmp_path):
+    from diffrl.training import NonFiniteError
+
+    config = TrainConfig(steps=40, batch_size=16, log_every=100, checkpoint_every=10, progress=False,
+                         run_dir=str(tmp_path))
+    with pytest.raises(NonFiniteError, match="stopped at step 20"):
+        Trainer(ToyAgent(), _poisoned({13}), config).fit()
+    assert load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["step"] == 10
+
+
+def test_skip_mode_logs_the_skipped_updates_and_trains_on(tmp_path):
+    config = TrainConfig(steps=12, batch_size=16, log_every=6, checkpoint_every=12, progress=False,
+                         run_dir=str(tmp_path), on_nonfinite="skip")
+    agent = ToyAgent()
+    history = Trainer(agent, _poisoned({2, 3, 9}), config).fit()
+    assert [r.get("train/skipped_updates") for r in history] == [2.0, 1.0]
+    assert all(torch.isfinite(t).all() for t in agent.tensors())
+    assert load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["step"] == 12
+
+
+def test_fit_resume_uses_the_newest_valid_checkpoint(tmp_path, uninterrupted):
+    _run(tmp_path, steps=30)
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "latest.pt").unlink()
+    agent, trainer, history = _run(tmp_path, steps=40, resume=True, agent_seed=5)
+    assert _same(agent, uninterrupted[0]) and history == uninterrupted[1]
