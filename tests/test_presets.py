@@ -1,6 +1,7 @@
 """Per-task presets: task names from dataset names, the order defaults -> preset -> overrides, and the CLI."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +39,16 @@ def test_cli_applies_preset_then_overrides_and_fills_the_lr_horizon(tmp_path, mo
     assert spec["agent_config"]["total_steps"] == 3  # the schedule's horizon follows --steps
     assert spec["train"]["batch_size"] == 32 and spec["train"]["device"] == "cpu"
     assert spec["train"]["precision"] == "bf16"
+
+
+def test_diffusion_ql_preset_of_the_task_reaches_config_json(tmp_path, capsys):
+    data = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hopper-medium-replay.hdf5"
+    main(["train", "diffusion_ql", "--dataset", str(data), "--steps", "1", "--batch-size", "8", "--eval-episodes", "0",
+          "--run-dir", str(tmp_path / "run"), "n_candidates=2", "max_grad_norm=3.5"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("preset:"))
+    assert "hopper-medium-replay" in line and "main.py" in line
+    agent_config = json.loads((tmp_path / "run" / "config.json").read_text())["agent_config"]
+    assert agent_config["eta"] == 1.0 and agent_config["max_grad_norm"] == 3.5  # preset row, then the override
+    main(["train", "diffusion_ql", "--dataset", str(data), "--steps", "1", "--batch-size", "8", "--eval-episodes", "0",
+          "--run-dir", str(tmp_path / "run2"), "n_candidates=2"])
+    assert json.loads((tmp_path / "run2" / "config.json").read_text())["agent_config"]["max_grad_norm"] == 4.0
