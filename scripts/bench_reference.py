@@ -182,8 +182,8 @@ def plot_curves(runs: list[dict], path: Path) -> None:
             line, = ax.plot(x, mean, marker="o", label=f"{LABELS.get(impl, impl)} ({seeds})")
             ax.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.2)
         ax.set(title=f"Diffusion-QL on {dataset} ({steps} steps)", xlabel="gradient steps",
-               ylabel="D4RL-normalised score")
-        ax.legend(fontsize=8)
+               ylabel="D4RL-normalised score (mean over seeds)")
+        ax.legend(fontsize=8, title="shaded: ±1 standard error over seeds", title_fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
