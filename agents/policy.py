@@ -9,6 +9,7 @@ the action bounds, checkpoint files and TorchScript export.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -98,7 +99,10 @@ class Policy:
     (n, act_dim) float32 actions in the environment's units. Observations are normalised, the last
     ``n_obs_steps`` are kept (the first one repeated after ``reset()``), and the actor is queried only when the
     queue of planned actions is empty, after which the first ``n_action_steps`` actions are executed one per call.
-    With ``seed`` set, ``reset()`` re-seeds the sampler, so the same seed gives the same actions.
+    Each row of a batch has its own history and queue: ``reset_envs(mask)`` restarts some rows only (vectorised
+    environments whose episodes end at different steps). ``predict_action_chunk(obs_history)`` is the stateless
+    step underneath: a history in, the next ``n_action_steps`` actions out. With ``seed`` set, ``reset()``
+    re-seeds the sampler, so the same seed gives the same actions.
 
     Observations are checked after the cast to the policy's dtype (so a float64 value beyond its range is refused,
     not turned into infinity), and a planned chunk is checked for NaN / infinity before it enters the queue: a
@@ -142,49 +146,84 @@ class Policy:
             self._generator = self._generator or torch.Generator(self.device)
         if self._generator is not None:
             self._generator.manual_seed(int(self.seed))
-        self._history: Tensor | None = None
-        self._queue: np.ndarray | None = None
-        self._queue_pos = 0
+        self._history: Tensor | None = None  # (B, n_obs_steps, obs_dim), normalised
+        self._queue: np.ndarray | None = None  # (B, n_action_steps, act_dim) planned actions
+        self._queue_pos: np.ndarray | None = None  # (B,) next queued action of each row
+        self._fresh: np.ndarray | None = None  # (B,) rows whose history restarts at the next call
 
-    def _check(self, obs: Any) -> Tensor:
-        """``obs`` as a CPU tensor of the policy's dtype, after checking its type, shape and values."""
+    def reset_envs(self, envs: Any) -> None:
+        """Start a new episode in some rows of a batch only: the rows ``envs`` (a boolean mask over the batch, or
+        row indices) lose their history and queued actions, the others keep theirs; nothing is re-seeded."""
+        if self._history is None:  # nothing kept yet: every row starts afresh anyway
+            return
+        rows = np.zeros(self._history.shape[0], dtype=bool)
+        chosen = np.asarray(envs)
+        if chosen.dtype == bool and chosen.shape != rows.shape:
+            raise ValueError(f"reset_envs mask has shape {chosen.shape}, the policy's batch has {len(rows)} rows")
+        rows[chosen] = True
+        self._fresh = self._fresh | rows
+        self._queue_pos = np.where(rows, self.n_action_steps, self._queue_pos)
+
+    def _check(self, obs: Any, history: bool = False) -> Tensor:
+        """``obs`` (or an observation history) as a CPU tensor of the policy's dtype, after checking its type,
+        shape and values."""
+        shape = (self.n_obs_steps, self.obs_dim) if history else (self.obs_dim,)
+        what = "observation history" if history else "observation"
+        expected = f"{shape} or (n, {', '.join(str(d) for d in shape)})"
         x = obs if isinstance(obs, np.ndarray) else np.asarray(obs)
         if x.dtype.kind not in "fiu":
-            raise TypeError(f"observation must be a numeric array of shape ({self.obs_dim},) or (n, {self.obs_dim}), "
-                            f"got dtype {x.dtype}")
-        if x.ndim not in (1, 2) or x.shape[-1] != self.obs_dim:
-            raise ValueError(f"observation must have shape ({self.obs_dim},) or (n, {self.obs_dim}), "
-                             f"got {x.shape}")
+            raise TypeError(f"{what} must be a numeric array of shape {expected}, got dtype {x.dtype}")
+        if x.ndim not in (len(shape), len(shape) + 1) or x.shape[-len(shape):] != shape:
+            raise ValueError(f"{what} must have shape {expected}, got {x.shape}")
         if x.shape[0] == 0:
-            raise ValueError(f"observation batch is empty (shape {x.shape}); give at least one observation")
+            raise ValueError(f"{what} batch is empty (shape {x.shape}); give at least one observation")
         t = torch.as_tensor(np.ascontiguousarray(x), dtype=self.dtype)
         if not bool(torch.isfinite(t).all()):  # checked after the cast: 1e300 is infinite in float32
-            raise ValueError(f"observation contains NaN or infinite values, or values beyond the range of the "
+            raise ValueError(f"{what} contains NaN or infinite values, or values beyond the range of the "
                              f"policy's {str(self.dtype).removeprefix('torch.')}")
         return t
+
+    def _normalize(self, obs: Tensor) -> Tensor:
+        return (obs.to(self.device) - self._obs_mean) * self._obs_inv_std
+
+    def predict_action_chunk(self, obs_history: Any) -> np.ndarray:
+        """The next ``n_action_steps`` actions for a raw observation history, oldest first: (n_obs_steps, obs_dim)
+        -> (n_action_steps, act_dim), or a batch (n, n_obs_steps, obs_dim) -> (n, n_action_steps, act_dim).
+        Stateless: the history and queue of ``act`` are left as they are (the sampler's random stream advances)."""
+        t = self._check(obs_history, history=True)
+        chunk = self._plan(self._normalize(t.view(-1, self.n_obs_steps, self.obs_dim)))
+        return chunk[0] if t.dim() == 2 else chunk
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         """The action(s) to execute now for observation(s) ``obs``."""
         t = self._check(obs)
         single = t.dim() == 1
-        t = (t.to(self.device).view(-1, 1, self.obs_dim) - self._obs_mean) * self._obs_inv_std
+        t = self._normalize(t.view(-1, 1, self.obs_dim))
         if self.n_obs_steps == 1 and self.n_action_steps == 1:  # stateless: any batch size on every call
             action = self._plan(t)[:, 0]
             return action[0] if single else action
         batch = t.shape[0]
-        if self._history is not None and self._history.shape[0] != batch:
-            raise ValueError(f"batch size changed from {self._history.shape[0]} to {batch} without reset()")
-        if self.n_obs_steps == 1:
-            history = t
-        elif self._history is None:
+        if self._history is None:
             history = t.expand(batch, self.n_obs_steps, self.obs_dim).clone()
+            queue, pos = None, np.full(batch, self.n_action_steps)
         else:
+            if self._history.shape[0] != batch:
+                raise ValueError(f"batch size changed from {self._history.shape[0]} to {batch} without reset()")
             history = torch.cat([self._history[:, 1:], t], dim=1)
-        queue, pos = self._queue, self._queue_pos
-        if queue is None or pos >= queue.shape[1]:
-            queue, pos = self._plan(history), 0  # raises before any state changes when the plan is not finite
+            if self._fresh.any():
+                rows = torch.from_numpy(self._fresh).to(self.device)
+                history[rows] = t[rows].expand(-1, self.n_obs_steps, -1)
+            queue, pos = self._queue, self._queue_pos.copy()
+        due = pos >= self.n_action_steps
+        if due.all():  # raises before any state changes when the plan is not finite
+            queue = self._plan(history)
+        elif due.any():
+            queue = queue.copy()
+            queue[due] = self._plan(history[torch.from_numpy(due).to(self.device)])
+        pos[due] = 0
         self._history, self._queue, self._queue_pos = history, queue, pos + 1
-        action = queue[:, pos]
+        self._fresh = np.zeros(batch, dtype=bool)
+        action = queue[np.arange(batch), pos]
         return action[0] if single else action
 
     def _plan(self, history: Tensor) -> np.ndarray:
@@ -236,44 +275,105 @@ class Policy:
         return save_checkpoint(path, payload, kind=CHECKPOINT_KIND)
 
     def export_torchscript(self, path: str | os.PathLike, batch_size: int = 1) -> Path:
-        """Save a TorchScript module ``raw obs history (B, n_obs_steps, obs_dim) -> raw actions (B, k, act_dim)``.
+        """Save the policy as a TorchScript module that needs only torch (``torch.jit.load``, ``torch::jit::load``):
 
-        It holds the normalisers, the sampler and the clipping; noise comes from torch's global generator
-        (``torch.manual_seed`` in the loading process). Load with plain ``torch.jit.load``; diffrl is not needed.
-        Actors that differentiate a guide network while sampling (QGPO, value-guided Diffuser) cannot be traced.
+        - ``forward(obs_history)``: raw observations (B, n_obs_steps, obs_dim), oldest first -> raw actions
+          (B, n_action_steps, act_dim): normalisation, sampling and clipping inside, no state (as
+          :meth:`predict_action_chunk`);
+        - ``reset()`` and ``act(obs)``: (obs_dim,) -> (act_dim,) or (B, obs_dim) -> (B, act_dim), with the
+          observation history and the action queue inside (as :meth:`act`; ``reset()`` at every episode start);
+        - attributes ``n_obs_steps``, ``n_action_steps``, ``obs_dim``, ``act_dim`` and the buffers ``obs_mean``,
+          ``obs_std``, ``act_mean``, ``act_std``, ``action_low``, ``action_high`` (infinite where unbounded).
+
+        Noise comes from torch's global generator: after ``torch.manual_seed(s)`` in the loading process the
+        module acts as this policy with seed ``s``. Actors that differentiate a guide network while sampling
+        (QGPO, value-guided Diffuser) cannot be traced.
         """
         if getattr(self.actor, "needs_grad", False):
             raise ValueError(f"{type(self.actor).__name__} takes gradients of a guide network while sampling, which "
                              "TorchScript tracing cannot record; deploy it with Policy.save / load_policy instead")
-        module = _Exported(self).eval()
-        example = torch.zeros(batch_size, self.n_obs_steps, self.obs_dim, device=self.device)
+        example = torch.zeros(batch_size, self.n_obs_steps, self.obs_dim, device=self.device, dtype=self.dtype)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit still serves plain torch.jit.load users
-            traced = torch.jit.trace(module, (example,), check_trace=False)
+            plan = torch.jit.trace(_Planner(self).eval(), (example,), check_trace=False)
+            module = torch.jit.script(_Controller(plan, self))
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.jit.save(traced, str(path))
+            torch.jit.save(module, str(path))
         return path
 
 
-class _Exported(nn.Module):
-    """The whole policy step as one module, for tracing."""
+class _Planner(nn.Module):
+    """One planning step in raw units, for tracing: history (B, n_obs_steps, obs_dim) -> (B, n_action_steps,
+    act_dim), computed as :meth:`Policy._plan` computes it."""
 
     def __init__(self, policy: Policy):
         super().__init__()
         self.actor = policy.actor
         self.n_action_steps = policy.n_action_steps
-        for name in ("_obs_mean", "_obs_std", "_act_mean", "_act_std"):
+        for name in ("_obs_mean", "_obs_inv_std", "_act_mean", "_act_std"):
             self.register_buffer(name.lstrip("_"), getattr(policy, name).clone())
         self.low, self.high = policy._low, policy._high
 
     def forward(self, obs: Tensor) -> Tensor:
-        actions = self.actor((obs - self.obs_mean) / self.obs_std, None)[:, : self.n_action_steps]
-        actions = actions * self.act_std + self.act_mean
+        actions = self.actor((obs - self.obs_mean) * self.obs_inv_std, None)[:, : self.n_action_steps]
+        actions = torch.addcmul(self.act_mean, actions, self.act_std)
         if self.low is not None or self.high is not None:
             actions = actions.clamp(self.low, self.high)
         return actions
+
+
+class _Controller(nn.Module):
+    """The exported module (scripted): the traced planning step with the settings, the normalisers, the
+    observation history and the action queue around it (see :meth:`Policy.export_torchscript`)."""
+
+    def __init__(self, plan: nn.Module, policy: Policy):
+        super().__init__()
+        self.plan = plan
+        self.n_obs_steps, self.n_action_steps = policy.n_obs_steps, policy.n_action_steps
+        self.obs_dim, self.act_dim = policy.obs_dim, int(policy.act_dim)
+        place = {"device": policy.device, "dtype": policy.dtype}
+        for name in ("obs_mean", "obs_std", "act_mean", "act_std"):
+            self.register_buffer(name, getattr(policy, f"_{name}").clone())
+        for name, bound, unbounded in (("action_low", policy._low, -math.inf), ("action_high", policy._high, math.inf)):
+            value = torch.full((self.act_dim,), unbounded, **place) if bound is None else bound.expand(self.act_dim)
+            self.register_buffer(name, value.clone())
+        self.register_buffer("history", torch.zeros(0, self.n_obs_steps, self.obs_dim, **place))
+        self.register_buffer("queue", torch.zeros(0, self.n_action_steps, self.act_dim, **place))
+        self.queue_pos = 0
+
+    def forward(self, obs_history: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.plan(obs_history)
+
+    @torch.jit.export
+    def reset(self) -> None:
+        """Start a new episode: forget the history and the queued actions."""
+        self.history = self.history[:0]
+        self.queue = self.queue[:0]
+        self.queue_pos = 0
+
+    @torch.jit.export
+    def act(self, obs: Tensor) -> Tensor:
+        """The action(s) to execute now for raw observation(s) (obs_dim,) or (B, obs_dim)."""
+        x = obs.to(self.obs_mean.dtype).reshape(-1, 1, self.obs_dim)
+        if self.n_obs_steps == 1 and self.n_action_steps == 1:
+            action = self.forward(x)[:, 0]
+        else:
+            if self.history.shape[0] != 0 and self.history.shape[0] != x.shape[0]:
+                raise RuntimeError("the batch size changed without reset()")
+            if self.history.shape[0] == 0:
+                history = x.expand(x.shape[0], self.n_obs_steps, self.obs_dim).clone()
+            else:
+                history = torch.cat([self.history[:, 1:], x], dim=1)
+            if self.queue.shape[0] == 0 or self.queue_pos >= self.n_action_steps:
+                self.queue = self.forward(history)
+                self.queue_pos = 0
+            self.history = history
+            action = self.queue[:, self.queue_pos]
+            self.queue_pos += 1
+        return action[0] if obs.dim() == 1 else action
 
 
 def load_policy(path: str | os.PathLike, seed: int | None = None, device: str | torch.device = "cpu",

@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import os
 import pickle
-import tempfile
+import secrets
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,11 +40,12 @@ class CheckpointError(ValueError):
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success flush, fsync and rename it over ``path``.
 
-    Readers see either the old file or the complete new one, never a partial write.
+    Readers see either the old file or the complete new one, never a partial write. The file gets the mode a plain
+    ``open()`` gives (0o666 less the umask), like every other file of a run folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    fd, tmp = _new_temporary(path)
     try:
         with open(fd, mode) as f:
             yield f
@@ -58,6 +59,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _new_temporary(path: Path) -> tuple[int, Path]:
+    """A new, empty file ``.<name>.<random>.tmp`` beside ``path``, opened for writing."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def remove_orphans(directory: str | os.PathLike) -> list[Path]:

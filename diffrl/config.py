@@ -97,10 +97,10 @@ def check_value(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def apply_overrides(config: C, overrides: typing.Sequence[str]) -> C:
-    """A copy of dataclass ``config`` with ``field=value`` strings applied (types follow the annotations)."""
-    hints = typing.get_type_hints(type(config))
-    names = [f.name for f in dataclasses.fields(config)]
+def parse_overrides(cls: type, overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """``field=value`` strings as values of the fields of dataclass ``cls`` (types follow the annotations)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
     changes: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -108,9 +108,23 @@ def apply_overrides(config: C, overrides: typing.Sequence[str]) -> C:
         key, text = item.split("=", 1)
         key = key.strip().replace("-", "_")
         if key not in names:
+            raise ValueError(f"{cls.__name__} has no field {key!r}.{suggest(key, names)}")
+        changes[key] = _parse_value(text, hints[key], f"{cls.__name__}.{key}")
+    return changes
+
+
+def apply_overrides(config: C, overrides: typing.Sequence[str]) -> C:
+    """A copy of dataclass ``config`` with ``field=value`` strings applied (types follow the annotations)."""
+    return dataclasses.replace(config, **parse_overrides(type(config), overrides))
+
+
+def apply_values(config: C, values: dict[str, Any]) -> C:
+    """A copy of dataclass ``config`` with ``values`` set, each checked against its field's annotation."""
+    names = [f.name for f in dataclasses.fields(config)]
+    for key in values:
+        if key not in names:
             raise ValueError(f"{type(config).__name__} has no field {key!r}.{suggest(key, names)}")
-        changes[key] = _parse_value(text, hints[key], f"{type(config).__name__}.{key}")
-    return dataclasses.replace(config, **changes)
+    return config_from_dict(type(config), {**config_to_dict(config), **values})
 
 
 def config_to_dict(config: Any) -> dict:

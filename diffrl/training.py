@@ -300,12 +300,19 @@ class Learner:
             self.scaler.load_state_dict(state["scaler"])
 
 
+def default_log_every(steps: int) -> int:
+    """Updates between logged means for a run of ``steps`` updates: about 20 logs, at most every 1,000 updates."""
+    return max(1, min(1000, steps // 20))
+
+
 @dataclass
 class TrainConfig:
     """Length, batching, seeding and the logging / evaluation / checkpoint cadence of a training run.
 
     ``eval_every`` and ``checkpoint_every`` of 0 disable evaluation and checkpoints; logs and evaluations
-    happen at multiples of their period, checkpoints at multiples of theirs and after the last step.
+    happen at multiples of their period, checkpoints at multiples of theirs and after the last step. ``log_every``
+    left None becomes :func:`default_log_every` of ``steps`` (about 20 logs per run, at most every 1,000 updates).
+    ``progress`` shows a bar on a terminal and a line every 5% of the run when stderr is a file or pipe.
     ``run_dir`` receives ``tb/`` (TensorBoard), ``eval.csv``, ``eval.json`` and ``checkpoints/``.
     ``device`` (auto, cpu, cuda, cuda:N) is where the batch generator lives (the agent and the data must be
     there too); ``precision`` (fp32, bf16, fp16) is the compute type of the updates. ``on_nonfinite`` says what
@@ -317,7 +324,7 @@ class TrainConfig:
     steps: int = 100_000
     batch_size: int = 256
     seed: int = 0
-    log_every: int = 1_000
+    log_every: int | None = None
     eval_every: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
@@ -329,6 +336,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.log_every is None:
+            self.log_every = default_log_every(self.steps)
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"TrainConfig.on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, "
                              f"got {self.on_nonfinite!r}")
@@ -344,6 +353,41 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {value}")
         if self.checkpoint_every and self.run_dir is None:
             raise ValueError("TrainConfig.checkpoint_every needs a run_dir to write checkpoints to")
+
+
+class LineProgress:
+    """Progress for a log file (the bar's stream is not a terminal): one line every ``percent`` % of the run
+    instead of a bar redrawn with carriage returns. Same calls as the tqdm bar the Trainer uses otherwise."""
+
+    def __init__(self, total: int, initial: int = 0, percent: float = 5.0, desc: str = "train") -> None:
+        self.total, self.n, self.desc = total, initial, desc
+        self.every = max(1, math.ceil(total * percent / 100))
+        self.postfix: dict[str, str] = {}
+        self._clock = (time.perf_counter(), initial)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n % self.every == 0 or self.n == self.total:
+            now = time.perf_counter()
+            rate = (self.n - self._clock[1]) / max(now - self._clock[0], 1e-9)
+            self._clock = (now, self.n)
+            values = "".join(f", {k} {v}" for k, v in self.postfix.items())
+            print(f"{self.desc}: step {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%), "
+                  f"{rate:.1f} steps/s{values}", file=sys.stderr, flush=True)
+
+    def set_postfix(self, values: dict[str, str], refresh: bool = False) -> None:
+        self.postfix = dict(values)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    """:class:`LineProgress` lines when enabled and stderr is a file or pipe, else a tqdm bar (showing nothing
+    when disabled)."""
+    if enabled and not sys.stderr.isatty():
+        return LineProgress(total, initial)
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train")
 
 
 def agent_kind(agent: Any) -> str:
@@ -430,8 +474,7 @@ class Trainer:
             seed_everything(derive_seed(cfg.seed, self.rank, 1))
             self._started = True
         writer = self._open_writer() if self.is_main and self.run_dir is not None else None
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.is_main),
-                   dynamic_ncols=True, desc="train")
+        bar = progress_bar(cfg.steps, self.step, enabled=cfg.progress and self.is_main)
         clock = (time.perf_counter(), self.step)
         try:
             while self.step < cfg.steps:

@@ -105,13 +105,14 @@ def _check_spaces(env: gym.Env, dataset: OfflineDataset | None) -> None:
             f"but env {env_name!r} has observation shape {obs_space.shape}, action shape {act_space.shape}")
 
 
-def check_env(dataset: OfflineDataset, trust_env: bool = False) -> None:
-    """Build the dataset's environment once and check that its spaces fit the data (before any training)."""
-    env = _flat_obs(_resolve_env(dataset, None, trust_env)[0])()
+def check_env(dataset: OfflineDataset, trust_env: bool = False, env: str | None = None) -> None:
+    """Build the evaluation environment (``env``, an id or dataset name; default: the dataset's) once and check
+    that its spaces fit the data (before any training)."""
+    made = _flat_obs(_resolve_env(dataset if env is None else env, None, trust_env)[0])()
     try:
-        _check_spaces(env, dataset)
+        _check_spaces(made, dataset)
     finally:
-        env.close()
+        made.close()
 
 
 def evaluate(
@@ -189,8 +190,11 @@ def _rollout(policy: Any, vec: SyncVectorEnv, episodes: int, seed: int, max_epis
 class SB3PolicyAdapter:
     """Wraps a policy (obs -> action protocol) with SB3's ``predict`` so `evaluate_policy` accepts it.
 
-    The wrapped policy is ``reset()`` whenever any env starts an episode; ``deterministic`` is ignored (the
-    policy decides how it samples). A 1-D observation is treated as a single unbatched observation.
+    When some environments start an episode (``episode_start``), only their state is reset: a policy with
+    ``reset_envs(mask)`` (``agents.policy.Policy``) clears the observation history and the queued actions of those
+    rows and keeps the others'; any other policy is ``reset()`` whenever an environment starts an episode.
+    ``deterministic`` is ignored (the policy decides how it samples). A 1-D observation is treated as a single
+    unbatched observation.
     """
 
     def __init__(self, policy: Any) -> None:
@@ -200,7 +204,13 @@ class SB3PolicyAdapter:
                 deterministic: bool = True) -> tuple[np.ndarray, Any]:
         obs = np.asarray(observation, dtype=np.float32)
         single = obs.ndim == 1
-        if episode_start is not None and np.any(episode_start):
-            _reset_policy(self.policy)
+        starts = np.zeros(1 if single else len(obs), dtype=bool) if episode_start is None else \
+            np.asarray(episode_start, dtype=bool).reshape(-1)
+        if starts.any():
+            reset_envs = getattr(self.policy, "reset_envs", None)
+            if reset_envs is not None:
+                reset_envs(starts)
+            else:
+                _reset_policy(self.policy)
         actions = _policy_actions(self.policy, obs[None] if single else obs)
         return (actions[0] if single else actions), state

@@ -2,7 +2,8 @@
 
 ``--task pointnav``: the two-route navigation toy (``toy:pointnav``, env ``diffrl/PointNav-v0``). Reports per agent
 the share of episodes reaching the goal along each route, obstacle hits and mean return, and plots the rolled-out
-trajectories to ``results/pointnav_routes.png``.
+trajectories to ``results/pointnav_routes.png`` (the rollouts go to ``results/pointnav_routes_paths.json``, from
+which ``--plot-only`` re-renders the plot).
 
 ``--task hopper``: ``hopper-medium`` (D4RL layout HDF5), several seeds; prints the D4RL-normalised score (mean and
 standard error over seeds) of both agents after ``--steps`` gradient steps.
@@ -32,6 +33,7 @@ from envs.toy import POINTNAV_ID, PointNavEnv, episode_route
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 AGENTS = {"diffusion_bc": (DiffusionBC, DiffusionBCConfig), "gaussian_bc": (GaussianBC, GaussianBCConfig)}
+PATHS_FILE = RESULTS / "pointnav_routes_paths.json"  # the plotted rollouts, for --plot-only
 
 
 def train(name: str, dataset, steps: int, batch_size: int, seed: int):
@@ -80,28 +82,39 @@ def summarise(rollouts: list[dict]) -> dict:
     }
 
 
-def plot_routes(results: dict[str, list[dict]], dataset, path: Path) -> None:
+def plot_routes(paths: dict[str, list[np.ndarray]], dataset, path: Path) -> None:
+    """One panel per source (the dataset's episodes, then each agent's rollouts): the trajectories, the obstacle,
+    the goal region and the start."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(1, len(results) + 1, figsize=(4.2 * (len(results) + 1), 4), sharex=True, sharey=True)
-    obs = dataset.observations.numpy()
-    panels = [("dataset", [obs[s:e] for s, e in dataset.episode_bounds()])]
-    panels += [(name, [r["path"] for r in rollouts]) for name, rollouts in results.items()]
-    for ax, (title, paths) in zip(axes, panels, strict=True):
+    panels = [("dataset episodes", [dataset.observations[s:e].numpy() for s, e in dataset.episode_bounds()])]
+    panels += [(f"{name} rollouts", list(runs)) for name, runs in paths.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), sharex=True, sharey=True)
+    for ax, (title, trajectories) in zip(axes, panels, strict=True):
         ax.add_patch(plt.Circle((0, 0), PointNavEnv.OBSTACLE_RADIUS, color="0.6"))
         ax.add_patch(plt.Circle(tuple(PointNavEnv.GOAL), PointNavEnv.GOAL_RADIUS, color="tab:green", alpha=0.5))
-        for p in paths:
+        for p in trajectories:
             ax.plot(p[:, 0], p[:, 1], lw=0.7, alpha=0.5, color="tab:blue")
-        ax.set_title(title)
-        ax.set_aspect("equal")
-        ax.set_xlim(-1, 1)
-        ax.set_ylim(-1, 1)
-    fig.tight_layout()
+        ax.plot(*PointNavEnv.START, marker="o", color="black", markersize=4, linestyle="none")
+        ax.set_title(f"{title} ({len(trajectories)})", fontsize=10)
+        ax.set(aspect="equal", xlim=(-1, 1), ylim=(-1, 1), xticks=[-1, -0.5, 0, 0.5, 1], yticks=[-1, -0.5, 0, 0.5, 1])
+        ax.set_xlabel("x position")
+        ax.tick_params(labelsize=9)
+    axes[0].set_ylabel("y position")
+    legend = [Patch(color="0.6", label="obstacle (a move into it is cancelled)"),
+              Patch(color="tab:green", alpha=0.5, label="goal region"),
+              Line2D([], [], marker="o", color="black", linestyle="none", label="start"),
+              Line2D([], [], color="tab:blue", label="trajectory")]
+    fig.legend(handles=legend, loc="lower center", ncol=4, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def run_pointnav(args) -> None:
@@ -116,8 +129,19 @@ def run_pointnav(args) -> None:
     for name, row in table.items():
         print(f"{name:14s} {row['goal_up']:8.2f} {row['goal_down']:9.2f} {row['goal']:6.2f} "
               f"{row['episodes_with_hit']:7.2f} {row['hits_per_episode']:8.2f} {row['mean_return']:7.2f}")
-    plot_routes(results, dataset, RESULTS / "pointnav_routes.png")
+    paths = {name: [r["path"] for r in rollouts] for name, rollouts in results.items()}
     (RESULTS / "pointnav_routes.json").write_text(json.dumps(table, indent=2))
+    PATHS_FILE.write_text(json.dumps({name: [np.round(p, 3).tolist() for p in runs] for name, runs in paths.items()}))
+    plot_routes(paths, dataset, RESULTS / "pointnav_routes.png")
+
+
+def plot_pointnav_only() -> None:
+    """Re-render results/pointnav_routes.png from the rollouts saved by the last ``--task pointnav`` run."""
+    if not PATHS_FILE.is_file():
+        raise SystemExit(f"{PATHS_FILE} does not exist: run --task pointnav once (it saves the rollouts there)")
+    saved = json.loads(PATHS_FILE.read_text())
+    paths = {name: [np.asarray(p) for p in runs] for name, runs in saved.items()}
+    plot_routes(paths, load_dataset("toy:pointnav"), RESULTS / "pointnav_routes.png")
 
 
 def run_hopper(args) -> None:
@@ -156,9 +180,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--dataset", default="hopper-medium")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="--task pointnav: re-render the plot from the saved rollouts, without training")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    if args.task == "pointnav":
+    if args.plot_only:
+        plot_pointnav_only()
+    elif args.task == "pointnav":
         args.steps, args.episodes = args.steps or 10_000, args.episodes or 100
         run_pointnav(args)
     else:

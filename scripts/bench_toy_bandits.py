@@ -9,7 +9,9 @@ Per bandit and seed, one QGPO and one Diffusion-QL agent are trained for the sam
 - Diffusion-QL: mean reward of the actor's own samples and of max-Q selection over candidates, support distance,
   and the share of samples in the best mode (within 0.3 of the reward peak).
 
-Samples per scale are plotted to ``results/toy_bandits.png``; numbers go to ``results/toy_bandits.json``.
+Samples per scale are plotted to ``results/toy_bandits.png`` (the plotted points go to
+``results/toy_bandits_samples.json``, from which ``--plot-only`` re-renders the plot); numbers go to
+``results/toy_bandits.json``.
 
     OMP_NUM_THREADS=1 python scripts/bench_toy_bandits.py                      # 8gaussians, 3 seeds, 2000 steps
     OMP_NUM_THREADS=1 python scripts/bench_toy_bandits.py --bandits 8gaussians swissroll --steps 3000
@@ -35,6 +37,8 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 SCALES = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
 BEST_MODE_RADIUS = 0.3
 N_SAMPLES = 1000
+PLOTTED = 800  # samples drawn per panel
+SAMPLES_FILE = "toy_bandits_samples.json"  # the plotted samples, for --plot-only
 
 
 def qgpo_config(steps: int) -> QGPOConfig:
@@ -114,27 +118,57 @@ def report(name: str, runs: list[dict]) -> dict:
 
 
 def plot(all_extras: dict[str, dict], path: Path) -> None:
+    """Per bandit (row): the behaviour data, QGPO's samples at each guidance scale and Diffusion-QL's samples in the
+    2-D action plane, with the reward peak marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     names = list(all_extras)
     cols = len(SCALES) + 2
-    fig, axes = plt.subplots(len(names), cols, figsize=(2.2 * cols, 2.3 * len(names)), squeeze=False)
+    fig, axes = plt.subplots(len(names), cols, figsize=(2.2 * cols, 2.4 * len(names) + 0.4), squeeze=False,
+                             sharex=True, sharey=True)
     for row, name in enumerate(names):
         ex, best = all_extras[name], get_bandit(name).best_action
         panels = [("data", ex["data"]), *((f"QGPO s={s}", ex["qgpo"][s]) for s in SCALES), ("Diffusion-QL", ex["dql"])]
         for ax, (title, pts) in zip(axes[row], panels, strict=True):
-            ax.scatter(pts[:800, 0], pts[:800, 1], s=1.5, alpha=0.5)
+            pts = np.asarray(pts)
+            ax.scatter(pts[:PLOTTED, 0], pts[:PLOTTED, 1], s=1.5, alpha=0.5)
             ax.scatter([best[0]], [best[1]], marker="*", s=60, c="red")
-            ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xticks=[], yticks=[], aspect="equal")
+            ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xticks=[-1, 0, 1], yticks=[-1, 0, 1], aspect="equal")
+            ax.tick_params(labelsize=7)
             ax.set_title(title if row == 0 else "", fontsize=8)
-        axes[row][0].set_ylabel(name, fontsize=8)
-    fig.tight_layout()
+            if row == len(names) - 1:
+                ax.set_xlabel("action a[0]", fontsize=8)
+        axes[row][0].set_ylabel(f"{name}\naction a[1]", fontsize=8)
+    legend = [Line2D([], [], marker="o", markersize=3, color="tab:blue", alpha=0.6, linestyle="none",
+                     label=f"action samples ({PLOTTED} per panel)"),
+              Line2D([], [], marker="*", markersize=9, color="red", linestyle="none",
+                     label="best action (peak of the reward)")]
+    fig.legend(handles=legend, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.35 / (2.4 * len(names) + 0.4), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def save_samples(all_extras: dict[str, dict], path: Path) -> None:
+    """The plotted points (rounded), for ``--plot-only``."""
+    def points(x) -> list:
+        return np.round(np.asarray(x)[:PLOTTED], 3).tolist()
+
+    saved = {name: {"data": points(ex["data"]), "dql": points(ex["dql"]),
+                    "qgpo": {str(s): points(a) for s, a in ex["qgpo"].items()}} for name, ex in all_extras.items()}
+    path.write_text(json.dumps(saved))
+
+
+def load_samples(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: run the benchmark once (it saves the plotted samples there)")
+    saved = json.loads(path.read_text())
+    return {name: {**ex, "qgpo": {float(s): a for s, a in ex["qgpo"].items()}} for name, ex in saved.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,9 +178,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2000, help="gradient steps per agent (same for both)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--plot-only", action="store_true",
+                        help="re-render toy_bandits.png from the samples saved by the last run, without training")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.plot_only:
+        plot(load_samples(args.out / SAMPLES_FILE), args.out / "toy_bandits.png")
+        return
     print(f"budget: {args.steps} gradient steps per agent, batch {args.batch_size}, seeds {args.seeds}")
     results, extras = {}, {}
     for name in args.bandits:
@@ -157,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             extras.setdefault(name, ex)
         results[name] = report(name, runs)
     plot(extras, args.out / "toy_bandits.png")
+    save_samples(extras, args.out / SAMPLES_FILE)
     meta = {"steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds, "scales": list(SCALES)}
     (args.out / "toy_bandits.json").write_text(json.dumps({"settings": meta, "results": results}, indent=1))
     print(f"\nplots: {args.out / 'toy_bandits.png'}; numbers: {args.out / 'toy_bandits.json'}")

@@ -68,7 +68,9 @@ def test_resume_continues_exactly(tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
     train(full, 60)
     train(split, 30)
-    main(["train", "--resume", str(split), "--steps", "60"])
+    with pytest.raises(SystemExit, match="cannot change steps 5 -> 7"):  # the sampler's steps, not --steps
+        main(["train", "--resume", str(split), "--steps", "60", "steps=7"])
+    main(["train", "--resume", str(split), "--steps", "60", "steps=5"])
     a, b = policy_tensors(full), policy_tensors(split)
     assert a.keys() == b.keys() and a
     for key in a:
@@ -139,3 +141,34 @@ def test_collect_writes_loadable_datasets(tmp_path, capsys):
         assert len(from_hdf5) == len(from_minari) == 300
         assert from_hdf5.env_id == "Hopper-v5" and from_hdf5.obs_dim == 11
         assert torch.equal(from_hdf5.actions, from_minari.actions)
+
+
+def test_train_help_lists_every_field_of_every_agent(capsys):
+    import dataclasses
+
+    from agents import AGENTS
+    from agents.field_help import field_help
+    from diffrl.api import _value_text
+
+    for kind, (config_cls, _) in AGENTS.items():
+        main(["train", kind, "--help"])
+        out = capsys.readouterr().out
+        assert "--dataset" in out and f"{kind} settings ({config_cls.__name__}" in out
+        rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and len(line.split()) > 3}
+        defaults = config_cls()
+        for field in dataclasses.fields(config_cls):
+            meaning = field_help(kind, field.name)
+            assert meaning, f"{kind}.{field.name} has no one-line meaning in agents/field_help.py"
+            line = rows[field.name]
+            assert f"  {_value_text(getattr(defaults, field.name))}  " in line and line.endswith(meaning), line
+
+
+def test_help_and_list_show_the_preset_of_a_dataset(capsys):
+    main(["train", "diffusion_ql", "--dataset", "hopper-medium-replay-v2", "--help"])
+    help_text = capsys.readouterr().out
+    assert "preset: hopper-medium-replay (" in help_text and "source:" in help_text
+    main(["list", "diffusion_ql", "--dataset", "hopper-medium-replay-v2"])
+    listed = capsys.readouterr().out
+    assert listed.strip() and listed.strip() in help_text
+    main(["list", "gaussian_bc", "--dataset", "hopper-medium-v2"])
+    assert "preset: none for task 'hopper-medium'" in capsys.readouterr().out

@@ -1,9 +1,13 @@
 """evaluate(): reproducibility by seed, masking, normalised scores, shape checks; SB3 evaluate_policy adapter."""
 
+from types import SimpleNamespace
+
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import DummyVecEnv
 
 from envs import EvalResult, OfflineDataset, SB3PolicyAdapter, evaluate, load_dataset
 from envs.toy import PointNavExpert
@@ -81,3 +85,53 @@ def test_sb3_evaluate_policy_through_adapter():
     assert len(returns) == 3 and min(returns) > 15 and max(lengths) < 30
     mean, _ = evaluate_policy(SB3PolicyAdapter(ZeroPolicy(3)), gym.make("Hopper-v5"), n_eval_episodes=2, warn=False)
     assert np.isfinite(mean)
+
+
+class CountingEnv(gym.Env):
+    """Observation (step in the episode, env index, 0); episodes of ``length`` steps."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def __init__(self, index: int, length: int) -> None:
+        self.index, self.length, self.t = index, length, 0
+
+    def _obs(self) -> np.ndarray:
+        return np.array([self.t, self.index, 0.0], np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), 1.0, self.t >= self.length, False, {}
+
+
+def test_sb3_evaluate_policy_with_two_envs_keeps_each_envs_action_queue():
+    from agents.diffusion_actor import DiffusionActor
+    from agents.policy import Policy
+
+    torch.manual_seed(0)
+    actor = DiffusionActor(3, 2, n_obs_steps=2, horizon=6, action_start=1, net="unet1d",
+                           net_kwargs={"dims": (8, 16), "time_dim": 8}, steps=2)
+    planned = []  # (step in episode, env) of the newest observation of every planned row
+    forward = actor.forward
+
+    def spy(obs, generator=None):
+        planned.extend((int(t), int(env)) for t, env in obs[:, -1, :2].tolist())
+        return forward(obs, generator)
+
+    actor.forward = spy
+    identity = SimpleNamespace(mean=torch.zeros(3), std=torch.ones(3))
+    policy = Policy(actor, identity, n_obs_steps=2, n_action_steps=3, seed=0)
+    venv = DummyVecEnv([lambda: CountingEnv(0, 4), lambda: CountingEnv(1, 7)])
+    returns, lengths = evaluate_policy(SB3PolicyAdapter(policy), venv, n_eval_episodes=4,
+                                       return_episode_rewards=True, warn=False)
+    assert sorted(lengths) == [4, 4, 7, 7]
+    # each env plans at the start of its own episodes and every 3 steps after: env 0's new episodes (every 4 steps)
+    # never cut env 1's queue short (once env 0 has its 2 episodes, SB3 flags it as starting at every step)
+    assert [t for t, env in planned if env == 1] == [0, 3, 6, 0, 3, 6]
+    assert [t for t, env in planned if env == 0][:4] == [0, 3, 0, 3]
+    assert planned[:2] == [(0, 0), (0, 1)]  # the first call plans both envs at once

@@ -497,17 +497,23 @@ def test_twenty_kill_9s_then_resume_end_bit_identical_without_stray_files(tmp_pa
         assert process.exitcode == 0
         return time.perf_counter() - begun
 
+    def newest_step(run: Path) -> int:
+        return max((int(p.stem.split("_")[1]) for p in (run / "checkpoints").glob("step_*.pt")), default=0)
+
     startup = timed("--run-dir", str(tmp_path / "one-step"), "--steps", "1")
-    # Each attempt lives at most start-up plus 1/40 of the training time: 20 kills cover at most half the run, so a
-    # machine that is slower in some attempts than in the timed runs still kills every attempt before the end.
-    window = (timed("--run-dir", str(tmp_path / "full")) - startup) / 40
+    window = (timed("--run-dir", str(tmp_path / "full")) - startup) / 20
     run, rng = tmp_path / "killed", random.Random(0)
-    for _ in range(20):
+    for attempt in range(20):
         if (run / "config.json").is_file():
             process = start("--resume", str(run))
         else:  # killed before it wrote its config: nothing to resume, start again
             process = start("--run-dir", str(run))
-        time.sleep(rng.uniform(startup / 2, startup + window))  # during start-up, an update or a checkpoint
+        # Killed at a random time during start-up, an update or a checkpoint, and at the latest once the run has
+        # checkpointed past its share of the budget, so a machine that runs faster than when timed still kills
+        # every attempt before the end.
+        deadline = time.perf_counter() + rng.uniform(startup / 2, startup + window)
+        while time.perf_counter() < deadline and newest_step(run) < (attempt + 1) * steps // 25:
+            time.sleep(0.002)
         assert process.is_alive(), f"the run ended (exit status {process.exitcode}) before it was killed"
         os.kill(process.pid, signal.SIGKILL)
         process.join()

@@ -1,4 +1,5 @@
-"""Policy: shapes, seeding, the action queue, bad input, checkpoint round trips and TorchScript export."""
+"""Policy: shapes, seeding, the action queue (per row), action chunks, bad input, checkpoint round trips and the
+TorchScript export (stateless forward and the stateful reset / act module)."""
 
 import json
 import math
@@ -193,3 +194,73 @@ def test_torchscript_export_runs_without_diffrl_and_matches(tmp_path, kw):
     with torch.no_grad():
         expected = p._plan((torch.from_numpy(obs) - p._obs_mean) / p._obs_std)
     np.testing.assert_allclose(exported, expected, atol=1e-4)
+
+
+def test_predict_action_chunk_is_the_stateless_step_under_act():
+    kw = dict(n_obs_steps=2, n_action_steps=3, horizon=6, net="unet1d")
+    p, q = policy(seed=2, **kw), policy(seed=2, **kw)
+    obs = np.random.default_rng(4).normal(size=(3, OBS)).astype(np.float32)
+    chunk = q.predict_action_chunk(obs[[0, 0]])  # the history act() starts an episode with
+    assert chunk.shape == (3, ACT) and q._history is None and q._queue is None
+    np.testing.assert_array_equal(chunk, [p.act(o) for o in obs])
+    assert q.predict_action_chunk(np.zeros((5, 2, OBS))).shape == (5, 3, ACT)
+    with pytest.raises(ValueError, match=r"observation history must have shape \(2, 3\) or \(n, 2, 3\)"):
+        q.predict_action_chunk(np.zeros((3, OBS)))
+
+
+def test_reset_envs_restarts_only_those_rows():
+    kw = dict(n_obs_steps=2, n_action_steps=3, horizon=6, net="unet1d")
+    p, clean = policy(seed=1, **kw), policy(seed=1, **kw)
+    planned = []
+    forward = p.actor.forward
+
+    def spy(obs, generator=None):
+        planned.append(obs.shape[0])
+        return forward(obs, generator)
+
+    p.actor.forward = spy
+    obs = np.random.default_rng(0).normal(size=(4, 2, OBS)).astype(np.float32)
+    for o in obs[:2]:
+        np.testing.assert_array_equal(p.act(o), clean.act(o))
+    p.reset_envs(np.array([True, False]))
+    after, expected = p.act(obs[2]), clean.act(obs[2])
+    assert planned == [2, 1]  # a plan for the whole batch, then one for the restarted row only
+    np.testing.assert_array_equal(after[1], expected[1])  # row 1 goes on with its queued action
+    assert not np.array_equal(after[0], expected[0])
+    normalised = (torch.from_numpy(obs[2, 0]) - torch.tensor([1.0, -2.0, 0.5])) / torch.tensor([2.0, 1.0, 0.5])
+    assert torch.allclose(p._history[0], normalised.expand(2, OBS))  # row 0's history starts again
+    with pytest.raises(ValueError, match="mask has shape"):
+        p.reset_envs(np.array([True, False, True]))
+
+
+STATEFUL = """
+import json, sys, torch
+torch.set_num_threads(1)
+module = torch.jit.load(sys.argv[1])
+obs = torch.tensor(json.loads(sys.argv[2]), dtype=torch.float32)
+settings = {k: getattr(module, k) for k in ("n_obs_steps", "n_action_steps", "obs_dim", "act_dim")}
+buffers = {k: getattr(module, k).tolist() for k in ("obs_mean", "obs_std", "act_mean", "act_std", "action_high")}
+torch.manual_seed(int(sys.argv[3]))
+module.reset()
+actions = [module.act(o).tolist() for o in obs]
+assert not any(name == 'diffrl' or name.startswith(('diffrl.', 'agents', 'envs')) for name in sys.modules)
+print(json.dumps({"settings": settings, "buffers": buffers, "actions": actions}))
+"""
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_obs_steps=2, n_action_steps=3, horizon=6, net="unet1d",
+                                             solver="dpm-solver++")])
+def test_stateful_torchscript_module_reproduces_act_step_by_step(tmp_path, kw):
+    p = policy(seed=9, **kw)
+    path = p.export_torchscript(tmp_path / "policy.ts")
+    obs = np.random.default_rng(5).normal(size=(7, OBS)).astype(np.float32)
+    out = subprocess.run([sys.executable, "-c", STATEFUL, str(path), json.dumps(obs.tolist()), "9"],
+                         capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    exported = json.loads(out.stdout)
+    assert exported["settings"] == {"n_obs_steps": p.n_obs_steps, "n_action_steps": p.n_action_steps,
+                                    "obs_dim": OBS, "act_dim": ACT}
+    assert exported["buffers"]["obs_std"] == [2.0, 1.0, 0.5] and exported["buffers"]["act_mean"] == [0.5, -0.5]
+    assert exported["buffers"]["action_high"] == [math.inf, math.inf]
+    p.reset()
+    np.testing.assert_allclose(exported["actions"], [p.act(o) for o in obs], atol=1e-5)
