@@ -51,4 +51,4 @@ def test_results_section_links_exist():
     assert len(links) >= 5
     for link in links:
         assert (ROOT / link).exists(), link
-    assert "see results/reference_dql/report.txt" in results and "historical, not comparable" in results
+    assert "results/reference_dql/report.txt" in results and "historical, not comparable" in results
