@@ -154,6 +154,22 @@ AGENT_FIELD_HELP: dict[tuple[str, str], str] = {
     ("ddpo", "sample_steps"): "stochastic DDIM steps per chain, all trainable",
     ("ddpo", "lr"): "learning rate",
     ("ddpo", "max_grad_norm"): "clip the gradient norm to this value",
+    ("ddpo", "method"): "sf (score function, REINFORCE) or is (importance sampling with clipping)",
+    ("ddpo", "guidance_weight"): "classifier-free guidance weight for class-conditional models (1: none)",
+    ("ddpo", "classes"): "prompt classes sampled uniformly (empty: all classes of the model)",
+    ("ddpo", "null_prompt"): "sample a class-conditional model with its null class only (no guidance)",
+    ("ddpo", "clip_range"): "PPO clip range of the probability ratio (DDPO-IS)",
+    ("ddpo", "adv_clip_max"): "advantages clipped to [-adv_clip_max, adv_clip_max]",
+    ("ddpo", "inner_epochs"): "passes over each sampled batch",
+    ("ddpo", "minibatch_size"): "(sample, timestep) pairs per gradient step",
+    ("ddpo", "timestep_fraction"): "share of each chain's steps trained on",
+    ("ddpo", "train_last_step"): "also train the chain's final x0 step",
+    ("ddpo", "stat_buffer_size"): "rewards kept per prompt for the advantage statistics",
+    ("ddpo", "stat_min_count"): "rewards a prompt needs before its own statistics replace the batch's",
+    ("ddpo", "lora_rank"): "0: train the whole denoiser; > 0: LoRA adapters of this rank only",
+    ("ddpo", "lora_alpha"): "LoRA scale numerator (none: the rank)",
+    ("ddpo", "drift_samples"): "chains whose log-probability drift from the start model is logged",
+    ("ddpo", "seed"): "seed of the agent's own generator (prompt, minibatch and timestep draws)",
 }
 
 
