@@ -20,13 +20,14 @@ from torch import Tensor, nn
 
 from agents.critics import DoubleQCritic, QEnsemble, frozen, polyak_update, q_regression_loss, td_target
 from agents.offline_rl import (
+    ACTION_NORMALIZATIONS,
+    OBS_NORMALIZATIONS,
     OfflineRLAgent,
     actor_settings,
     candidate_actions,
     choose,
-    identity_normalizer,
+    input_normalizers,
     last_observation,
-    max_abs_normalizer,
     repeat_states,
 )
 from agents.policy import register_actor
@@ -45,10 +46,6 @@ NETS = ("mlp", "residual_mlp")
 EVAL_ACTORS = ("online", "ema")
 EMA_BEFORE_START = ("initial", "copy")
 REWARD_TUNES = ("no", "cql_antmaze", "normalize")
-OBS_NORMALIZATIONS = ("none", "zscore")
-ACTION_NORMALIZATIONS = ("none", "max_abs")
-#: Largest |action| in a dataset that ``action_normalization="none"`` accepts (the chain clips samples to [-1, 1]).
-MAX_RAW_ACTION = 1.0 + 1e-3
 
 _SOURCE = "Zhendong-Wang/Diffusion-Policies-for-Offline-RL main.py, hyperparameters[{!r}] (commit d871f5c)"
 
@@ -312,18 +309,8 @@ class DiffusionQL(OfflineRLAgent):
                      dtype: torch.dtype | None = None) -> DiffusionQL:
         """Dimensions, normalisers (as ``obs_normalization`` / ``action_normalization`` ask) and reward statistics
         from ``dataset``; on ``device``."""
-        if config.obs_normalization == "zscore":
-            obs_normalizer = dataset.normalizer("observations")
-        else:
-            obs_normalizer = identity_normalizer(dataset.obs_dim)
-        if config.action_normalization == "max_abs":
-            action_normalizer = max_abs_normalizer(dataset.actions)
-        else:
-            largest = float(dataset.actions.abs().max()) if len(dataset.actions) else 0.0
-            if largest > MAX_RAW_ACTION:
-                raise ValueError(f"dataset actions reach |a| = {largest:.4g}, but action_normalization='none' samples "
-                                 "actions in [-1, 1]; use action_normalization='max_abs'")
-            action_normalizer = identity_normalizer(dataset.act_dim)
+        obs_normalizer, action_normalizer = input_normalizers(dataset, config.obs_normalization,
+                                                              config.action_normalization)
         rewards = torch.as_tensor(dataset.rewards, dtype=torch.float64).reshape(-1)
         stats = (float(rewards.mean()), float(rewards.std())) if rewards.numel() > 1 else (0.0, 1.0)
         return cls(config, dataset.obs_dim, dataset.act_dim, obs_normalizer, action_normalizer,

@@ -25,14 +25,15 @@ from torch import Tensor, nn
 
 from agents.critics import DoubleQCritic, QEnsemble, ValueNetwork, expectile_log_weights, iql_q_loss, iql_value_loss
 from agents.offline_rl import (
+    ACTION_NORMALIZATIONS,
+    OBS_NORMALIZATIONS,
     OfflineRLAgent,
     actor_settings,
     candidate_actions,
     choose,
     diffusion_actor,
-    identity_normalizer,
+    input_normalizers,
     last_observation,
-    max_abs_normalizer,
 )
 from agents.policy import register_actor
 from agents.presets import Preset
@@ -50,10 +51,6 @@ ACTOR_NETS = ("ln_resnet", "mlp")
 SAMPLERS = ("idql", "ddpm")
 BETA_SCHEDULES = ("vp", "cosine", "linear")
 REWARD_NORMALIZATIONS = ("returns", "none")
-OBS_NORMALIZATIONS = ("none", "zscore")
-ACTION_NORMALIZATIONS = ("none", "max_abs")
-#: Largest |action| in a dataset that ``action_normalization="none"`` accepts (samples are clipped to [-1, 1]).
-MAX_RAW_ACTION = 1.0 + 1e-3
 
 _REPO = "philippe-eecs/IDQL (commit 7582571)"
 _ANTMAZE_SOURCE = (f"{_REPO}: launcher/examples/train_ddpm_iql_offline.py (critic_hyperparam 0.9 when 'antmaze' is "
@@ -367,18 +364,8 @@ class IDQL(OfflineRLAgent):
                      dtype: torch.dtype | None = None) -> IDQL:
         """Dimensions, normalisers (as ``obs_normalization`` / ``action_normalization`` ask) and, with
         ``reward_normalization="returns"``, the reward scale from ``dataset``; on ``device``."""
-        if config.obs_normalization == "zscore":
-            obs_normalizer = dataset.normalizer("observations")
-        else:
-            obs_normalizer = identity_normalizer(dataset.obs_dim)
-        if config.action_normalization == "max_abs":
-            action_normalizer = max_abs_normalizer(dataset.actions)
-        else:
-            largest = float(dataset.actions.abs().max()) if len(dataset.actions) else 0.0
-            if largest > MAX_RAW_ACTION:
-                raise ValueError(f"dataset actions reach |a| = {largest:.4g}, but action_normalization='none' samples "
-                                 "actions in [-1, 1]; use action_normalization='max_abs'")
-            action_normalizer = identity_normalizer(dataset.act_dim)
+        obs_normalizer, action_normalizer = input_normalizers(dataset, config.obs_normalization,
+                                                              config.action_normalization)
         return_range = None
         if config.reward_normalization == "returns":
             return_range = episode_return_range(dataset.episode_returns())

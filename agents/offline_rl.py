@@ -25,6 +25,28 @@ def max_abs_normalizer(actions: Tensor) -> Any:
     return Normalizer(torch.zeros(actions.shape[-1]), actions.abs().amax(0).clamp_min(MIN_ACTION_SCALE))
 
 
+OBS_NORMALIZATIONS = ("none", "zscore")
+ACTION_NORMALIZATIONS = ("none", "max_abs")
+#: Largest |action| in a dataset that ``action_normalization="none"`` accepts (the samplers clip to [-1, 1]).
+MAX_RAW_ACTION = 1.0 + 1e-3
+
+
+def input_normalizers(dataset: Any, obs_normalization: str, action_normalization: str) -> tuple[Any, Any]:
+    """(observation, action) normalisers of ``dataset``: z-scored or raw observations, max-abs scaled or raw
+    actions; raw actions must lie in [-1, 1], where the diffusion actors sample."""
+    if obs_normalization == "zscore":
+        obs_normalizer = dataset.normalizer("observations")
+    else:
+        obs_normalizer = identity_normalizer(dataset.obs_dim)
+    if action_normalization == "max_abs":
+        return obs_normalizer, max_abs_normalizer(dataset.actions)
+    largest = float(dataset.actions.abs().max()) if len(dataset.actions) else 0.0
+    if largest > MAX_RAW_ACTION:
+        raise ValueError(f"dataset actions reach |a| = {largest:.4g}, but action_normalization='none' samples "
+                         "actions in [-1, 1]; use action_normalization='max_abs'")
+    return obs_normalizer, identity_normalizer(dataset.act_dim)
+
+
 def identity_normalizer(dim: int) -> Any:
     from envs.datasets import Normalizer
 
