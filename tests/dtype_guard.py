@@ -39,6 +39,32 @@ def _leave_step(*_: object) -> None:
     _Float64Only.in_optimizer_step = False
 
 
+class GuardedAgent:
+    """Runs ``update`` of the wrapped agent inside the float64 guard (for a Trainer)."""
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def update(self, batch):
+        with only_float64():
+            return self.agent.update(batch)
+
+    def state_dict(self):
+        return self.agent.state_dict()
+
+
+class GuardedActor(torch.nn.Module):
+    """An actor whose forward (the whole sampler) runs inside the float64 guard."""
+
+    def __init__(self, actor):
+        super().__init__()
+        self.actor = actor
+
+    def forward(self, obs, generator=None):
+        with only_float64():
+            return self.actor(obs, generator)
+
+
 @contextlib.contextmanager
 def only_float64() -> Iterator[None]:
     """Fail on the first floating tensor that is not float64 produced inside the block."""

@@ -12,13 +12,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from dtype_guard import DtypeLeak, GuardedActor, GuardedAgent, only_float64
 
 from agents import AGENTS
 from agents.base import TorchAgent
 from agents.policy import load_policy
 from diffrl.training import Learner, TrainConfig, Trainer
 from envs import evaluate, load_dataset
-from tests.dtype_guard import DtypeLeak, only_float64
 
 #: Small sizes for every agent; a field is set only where the agent's config has it.
 SMALL = dict(hidden=16, depth=2, time_dim=8, critic_hidden=16, critic_depth=2, energy_hidden=16, energy_depth=2,
@@ -33,32 +33,6 @@ def small_config(kind: str):
     config_cls, _ = AGENTS[kind]
     names = {f.name for f in dataclasses.fields(config_cls)}
     return config_cls(**{k: v for k, v in SMALL.items() if k in names})
-
-
-class GuardedAgent:
-    """Runs ``update`` of the wrapped agent inside the float64 guard."""
-
-    def __init__(self, agent):
-        self.agent = agent
-
-    def update(self, batch):
-        with only_float64():
-            return self.agent.update(batch)
-
-    def state_dict(self):
-        return self.agent.state_dict()
-
-
-class GuardedActor(torch.nn.Module):
-    """An actor whose forward (the whole sampler) runs inside the float64 guard."""
-
-    def __init__(self, actor):
-        super().__init__()
-        self.actor = actor
-
-    def forward(self, obs, generator=None):
-        with only_float64():
-            return self.actor(obs, generator)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from dtype_guard import only_float64
+from dtype_guard import GuardedActor, only_float64
 from offline_rl_checks import bandit, check_metrics, check_policy, check_state_round_trip, mean_reward, train
 from torch import nn
 
@@ -287,17 +287,8 @@ def test_float64_update_and_policy_act():
     assert all(v.dtype == torch.float64 for v in metrics.values() if isinstance(v, torch.Tensor))
     policy = agent.policy(seed=0)
 
-    class Guarded(nn.Module):
-        def __init__(self, actor):
-            super().__init__()
-            self.actor = actor
-
-        def forward(self, obs, generator=None):
-            with only_float64():
-                return self.actor(obs, generator)
-
     for selection in ("max_q", "expectile", "softmax"):
-        policy.actor = Guarded(agent.build_actor(selection=selection).double())
+        policy.actor = GuardedActor(agent.build_actor(selection=selection).double())
         assert policy.act(np.zeros((3, 1))).shape == (3, 2)
 
 

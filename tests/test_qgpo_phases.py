@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from dtype_guard import GuardedActor, GuardedAgent
 from offline_rl_checks import bandit
 
 from agents.policy import load_policy
@@ -14,7 +15,6 @@ from diffrl.checkpoint import load_checkpoint, save_checkpoint
 from diffrl.guidance import GradientGuidance
 from diffrl.training import TrainConfig, Trainer
 from envs import load_dataset
-from tests.dtype_guard import only_float64
 
 SMALL = dict(hidden=8, time_dim=8, critic_hidden=16, critic_depth=2, energy_hidden=16, energy_depth=2, n_support=4,
              support_steps=3, sample_steps=3, reward_transform="none", behavior_batch_size=64, support_chunk=64)
@@ -182,25 +182,6 @@ def test_trained_policy_and_its_saved_copy_act_with_the_trained_weights(pointnav
     assert np.abs(fresh.policy(seed=3).act(obs.numpy()) - loaded.act(obs.numpy())).max() > 1e-3
 
 
-class _Guarded:
-    def __init__(self, agent):
-        self.agent = agent
-
-    def update(self, batch):
-        with only_float64():
-            return self.agent.update(batch)
-
-
-class _GuardedActor(torch.nn.Module):
-    def __init__(self, actor):
-        super().__init__()
-        self.actor = actor
-
-    def forward(self, obs, generator=None):
-        with only_float64():
-            return self.actor(obs, generator)
-
-
 def test_float64_phases_and_policy_under_the_dtype_guard(pointnav):
     data = pointnav.to(dtype=torch.float64)
     torch.manual_seed(0)
@@ -208,13 +189,13 @@ def test_float64_phases_and_policy_under_the_dtype_guard(pointnav):
                                                       "normalize_obs": True, "total_steps": 6, "behavior_steps": 2}),
                               dtype=torch.float64)
     sampler = agent.batch_sampler(data)
-    history = Trainer(_Guarded(agent), sampler, TrainConfig(steps=6, batch_size=8, log_every=1, progress=False,
+    history = Trainer(GuardedAgent(agent), sampler, TrainConfig(steps=6, batch_size=8, log_every=1, progress=False,
                                                             device="cpu")).fit()
     assert {"train/behavior_loss", "train/critic_loss", "train/energy_loss"} <= {k for r in history for k in r}
     assert all(np.isfinite(v) for r in history for v in r.values())
     assert agent.support["obs"].dtype == torch.float64 and agent.energy_learner.num_steps == 4
     policy = agent.policy(seed=0)
-    policy.actor = _GuardedActor(policy.actor)
+    policy.actor = GuardedActor(policy.actor)
     actions = policy.act(pointnav.observations[:4].numpy())
     assert actions.shape == (4, 2) and np.isfinite(actions).all()
 
