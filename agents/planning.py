@@ -24,6 +24,8 @@ from diffrl.training import Learner
 from envs.datasets import Normalizer, OfflineDataset, SequenceDataset
 
 SCHEDULES = {"cosine": DiscreteVP.cosine, "linear": DiscreteVP.linear}
+#: How planners normalise states and actions: z-scores, or each feature's [min, max] to [-1, 1] (Diffuser's Maze2D).
+NORMALIZERS = {"gaussian": Normalizer.fit, "limits": Normalizer.limits}
 
 
 def make_discrete_schedule(name: str, num_steps: int) -> DiscreteVP:
@@ -33,6 +35,13 @@ def make_discrete_schedule(name: str, num_steps: int) -> DiscreteVP:
     if num_steps < 2:
         raise ValueError(f"the diffusion chain needs at least 2 steps, got {num_steps}")
     return SCHEDULES[name](num_steps)
+
+
+def fit_normalizer(data: Tensor, kind: str) -> Normalizer:
+    """The ``kind`` normaliser (see :data:`NORMALIZERS`) of ``data`` (N, dim)."""
+    if kind not in NORMALIZERS:
+        raise ValueError(f"unknown planner normalizer {kind!r}; choose one of {sorted(NORMALIZERS)}")
+    return NORMALIZERS[kind](data)
 
 
 def with_termination_penalty(dataset: OfflineDataset, penalty: float) -> OfflineDataset:
@@ -132,10 +141,12 @@ class PlannerAgent(TorchAgent):
         self.learners: dict[str, Learner] = {}
 
     def _learn(self, name: str, lr: float) -> Learner:
-        """Register a Learner (with the config's EMA and clipping) for the sub-module ``name`` of ``self.nets``."""
+        """Register a Learner for the sub-module ``name`` of ``self.nets``, with the config's clipping and EMA
+        (a copy of the weights for the first ``ema_start`` updates, then averaged every ``ema_every`` updates)."""
         c = self.config
         self.learners[name] = Learner(self.nets.get_submodule(name), lr=lr, ema_decay=c.ema_decay,
-                                      max_grad_norm=c.max_grad_norm)
+                                      max_grad_norm=c.max_grad_norm, ema_start=c.ema_start,
+                                      ema_update_every=c.ema_every)
         return self.learners[name]
 
     def sequences(self, dataset: OfflineDataset) -> SequenceDataset:

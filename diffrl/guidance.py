@@ -1,7 +1,8 @@
 """Guidance hooks that every solver calls at each step.
 
-A guidance object may change the model's (x0, eps) estimate at (x_t, t) through ``apply`` and may overwrite entries
-of the sample after each solver update through ``project``. Several hooks compose in order.
+A guidance object may change the model's (x0, eps) estimate at (x_t, t) through ``apply`` and may change the sample
+through ``project``, which solvers apply to the prior draw and after each update, i.e. to every x_t before the model
+sees it (and to the final sample at t = 0). Several hooks compose in order.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from diffrl.schedules import expand_like
 
 if TYPE_CHECKING:
     from diffrl.model import DiffusionModel
+    from diffrl.schedules import NoiseSchedule
 
 
 class Guidance:
@@ -44,27 +46,27 @@ class ClassifierFree(Guidance):
         return x0_u + w * (x0 - x0_u), eps_u + w * (eps - eps_u)
 
 
+def objective_gradient(fn: Callable[[Tensor, Tensor, object], Tensor], x: Tensor, t: Tensor, cond) -> Tensor:
+    """grad_x of ``fn(x, t, cond).sum()``, taken even where the caller runs without gradients."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        grad, = torch.autograd.grad(fn(xg, t, cond).sum(), xg)
+    return grad
+
+
 class GradientGuidance(Guidance):
     """Steer sampling up the gradient of a differentiable objective f(x_t, t, cond) -> (B,).
 
     The score is shifted by ``scale * grad_x f``, i.e. eps <- eps - scale * sigma * grad, which covers classifier
-    guidance (f = log p(y | x_t)), value guidance (f = predicted return) and energy guidance (f = -energy).
-    Guidance is switched off for t < ``t_stop``. With ``n_steps > 1`` the gradient is taken ``n_steps`` times per
-    solver step, each at the point moved by the shifts so far (x <- x + scale * sigma^2 * grad, the matching move of
-    x_t), and the shifts add up: Diffuser's several guide steps per denoising step.
+    guidance (f = log p(y | x_t)) and energy guidance (f = -energy). Guidance is switched off for t < ``t_stop``.
     """
 
     def __init__(self, fn: Callable[[Tensor, Tensor, object], Tensor], scale: float = 1.0, t_stop: float = 0.0,
-                 max_grad_norm: float | None = None, n_steps: int = 1):
-        if n_steps < 1:
-            raise ValueError(f"GradientGuidance needs n_steps >= 1, got {n_steps}")
-        self.fn, self.scale, self.t_stop, self.max_grad_norm, self.n_steps = fn, scale, t_stop, max_grad_norm, n_steps
+                 max_grad_norm: float | None = None):
+        self.fn, self.scale, self.t_stop, self.max_grad_norm = fn, scale, t_stop, max_grad_norm
 
     def gradient(self, x: Tensor, t: Tensor, cond) -> Tensor:
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            value = self.fn(xg, t, cond)
-            grad, = torch.autograd.grad(value.sum(), xg)
+        grad = objective_gradient(self.fn, x, t, cond)
         if self.max_grad_norm is not None:
             norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
             grad = grad * expand_like((self.max_grad_norm / norm).clamp(max=1.0), grad)
@@ -74,15 +76,51 @@ class GradientGuidance(Guidance):
         if self.scale == 0.0:
             return x0, eps
         on = t >= self.t_stop
-        if not bool(on.any()):  # past t_stop: skip the gradient evaluations altogether
+        if not bool(on.any()):  # past t_stop: skip the gradient evaluation altogether
             return x0, eps
         active = expand_like(on.to(x.dtype), x)
         a, s = expand_like(model.schedule.alpha(t), x), expand_like(model.schedule.sigma(t), x)
-        total = torch.zeros_like(x)
-        for _ in range(self.n_steps):
-            total = total + self.gradient(x + self.scale * active * s**2 * total, t, cond)
-        eps = eps - self.scale * active * s * total
+        eps = eps - self.scale * active * s * self.gradient(x, t, cond)
         return (x - s * eps) / a, eps
+
+
+class PosteriorValueGuidance(Guidance):
+    """Value guidance as Diffuser's official sampler applies it (``n_step_guided_p_sample``, Janner et al. 2022).
+
+    Before the model sees x_t, ``n_steps`` times: x_t <- hold(x_t + scale * var(t) * grad_x f(x_t, t)), where
+    var(t) is the posterior variance of the diffusion chain's step from t to t - ``chain_step`` and ``hold``
+    (an Inpainting hook, or None) puts the fixed entries back after each shift. No guidance at the last
+    ``t_stopgrad`` steps of the chain (t = n * chain_step with n <= t_stopgrad; the comparison is made half a step
+    above, so grid round-off cannot switch a step on). It acts in ``project``, which every solver applies to x_t
+    before the model call at t (the prior draw and each update).
+    """
+
+    def __init__(self, fn: Callable[[Tensor, Tensor, object], Tensor], schedule: NoiseSchedule, scale: float,
+                 chain_step: float, t_stopgrad: int = 0, n_steps: int = 1, hold: Guidance | None = None):
+        if n_steps < 1 or chain_step <= 0 or t_stopgrad < 0:
+            raise ValueError(f"PosteriorValueGuidance needs n_steps >= 1, chain_step > 0 and t_stopgrad >= 0, got "
+                             f"{n_steps}, {chain_step}, {t_stopgrad}")
+        self.fn, self.schedule, self.scale, self.chain_step = fn, schedule, scale, chain_step
+        self.t_stop = (t_stopgrad + 0.5) * chain_step
+        self.n_steps, self.hold = n_steps, hold
+
+    def variance(self, t: Tensor) -> Tensor:
+        """Posterior variance of x_{t - chain_step} given x_t and x0: beta_t (1 - abar_{t-1}) / (1 - abar_t)."""
+        s = (t - self.chain_step).clamp_min(0.0)
+        a_t, s_t = self.schedule.alpha(t), self.schedule.sigma(t)
+        a_s, s_s = self.schedule.alpha(s), self.schedule.sigma(s)
+        return ((s_s / s_t) ** 2 * (s_t**2 - (a_t / a_s) ** 2 * s_s**2)).clamp_min(0.0)
+
+    def project(self, x, t):
+        on = t > self.t_stop
+        if self.scale == 0.0 or not bool(on.any()):  # past t_stop: no gradient evaluations at all
+            return x
+        step = expand_like(torch.where(on, self.scale * self.variance(t), torch.zeros_like(t)), x)
+        for _ in range(self.n_steps):
+            x = x + step * objective_gradient(self.fn, x, t, None)
+            if self.hold is not None:
+                x = self.hold.project(x, t)
+        return x
 
 
 class Inpainting(Guidance):

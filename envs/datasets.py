@@ -53,6 +53,13 @@ class Normalizer:
         x = torch.as_tensor(data, dtype=torch.float64)
         return cls(x.mean(0).float(), x.std(0, unbiased=False).float())
 
+    @classmethod
+    def limits(cls, data: ArrayLike) -> Normalizer:
+        """Per-feature [min, max] of ``data`` mapped to [-1, 1] (Diffuser's ``LimitsNormalizer``)."""
+        x = torch.as_tensor(data, dtype=torch.float64)
+        low, high = x.min(0).values, x.max(0).values
+        return cls(((high + low) / 2).float(), ((high - low) / 2).float())
+
     def _stats_like(self, x: ArrayLike) -> tuple[Any, Any]:
         if isinstance(x, torch.Tensor):
             dtype = x.dtype if x.is_floating_point() else torch.float32

@@ -6,10 +6,18 @@ from diffusion_reference import SCHEDULES, exact_model, four_modes, prior
 from torch import Tensor, nn
 
 from diffrl.analytic import ExactDenoiser, GaussianMixture
-from diffrl.guidance import ClassifierFree, Compose, GradientGuidance, Guidance, Inpainting, as_guidance
+from diffrl.guidance import (
+    ClassifierFree,
+    Compose,
+    GradientGuidance,
+    Guidance,
+    Inpainting,
+    PosteriorValueGuidance,
+    as_guidance,
+)
 from diffrl.model import DiffusionModel
-from diffrl.schedules import expand_like
-from diffrl.solvers import DDIM, DDPM, DPMSolverPP, Heun
+from diffrl.schedules import DiscreteVP, expand_like
+from diffrl.solvers import DDIM, DDPM, DPMSolverPP, Heun, make_timesteps
 
 VP = SCHEDULES["vp-sde"]
 MIX = four_modes(0.3)
@@ -159,19 +167,47 @@ def test_compose_and_as_guidance():
     torch.testing.assert_close(both.project(x, t), torch.full_like(x, 0.25))
 
 
-def test_several_guide_steps_follow_the_moving_gradient():
-    """n_steps gradients per solver step, each at the point moved by the shifts so far; their sum shifts the score."""
-    model = gaussian_1d_model()
-    x = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]
-    t = torch.full((9,), 0.4, dtype=torch.float64)
-    x0, eps = model.x0_eps(x, t)
-    s2 = expand_like(VP.sigma(t), x) ** 2
-    g = -(x - 1.0) / 0.25  # gradient of the objective at x
-    g2 = g + (-0.7 * s2 * g / 0.25)  # at the moved point x + 0.7 s^2 g (the gradient is linear in x)
-    one = GradientGuidance(log_gauss_objective(1.0, 0.5), scale=0.7).apply(model, x, t, None, x0, eps)
-    two = GradientGuidance(log_gauss_objective(1.0, 0.5), scale=0.7, n_steps=2).apply(model, x, t, None, x0, eps)
-    s = expand_like(VP.sigma(t), x)
-    torch.testing.assert_close(-one[1] / s, -eps / s + 0.7 * g)
-    torch.testing.assert_close(-two[1] / s, -eps / s + 0.7 * (g + g2))
+def official_posterior_variance(schedule: DiscreteVP) -> Tensor:
+    """beta_n (1 - abar_{n-1}) / (1 - abar_n) for n = 1..T (jannerm/diffuser GaussianDiffusion.posterior_variance)."""
+    abar = torch.cumprod(1 - schedule.betas, 0)
+    abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+    return schedule.betas * (1 - abar_prev) / (1 - abar)
+
+
+def test_posterior_value_guidance_shifts_x_t_by_hand():
+    """A linear value f = <w, x> has gradient w: each of the n guide steps adds scale * var_n * w, the held entries
+    are put back after each, and the last t_stopgrad steps of the chain are left alone."""
+    schedule = DiscreteVP.cosine(20)
+    grid = make_timesteps(schedule, 20)  # t = n / 20, n = 20..1, with linspace round-off
+    w = torch.randn(1, 6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(4, 6, 3, dtype=torch.bool)
+    mask[:, 0, :2] = True
+    hold = Inpainting(mask, torch.full_like(x, 0.25))
+    hook = PosteriorValueGuidance(lambda y, t, cond: (w * y).sum((1, 2)), schedule, scale=0.1, chain_step=1 / 20,
+                                  t_stopgrad=2, n_steps=2, hold=hold)
+    var = official_posterior_variance(schedule)
+    for i, n in enumerate(range(20, 0, -1)):
+        t = grid[i].expand(4)
+        torch.testing.assert_close(hook.variance(t), var[n - 1].expand(4))
+        expected = x
+        if n > 2:  # official: grad[t < t_stopgrad] = 0 with t = n - 1
+            for _ in range(2):
+                expected = torch.where(mask, 0.25, expected + 0.1 * var[n - 1] * w)
+        torch.testing.assert_close(hook.project(x, t), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(hook.project(x, torch.zeros(4, dtype=torch.float64)), x)  # the final sample
+    assert PosteriorValueGuidance(lambda y, t, c: y.sum((1, 2)), schedule, 0.0, 1 / 20).project(x, grid[0].expand(4)) \
+        is x
     with pytest.raises(ValueError, match="n_steps"):
-        GradientGuidance(log_gauss_objective(1.0, 0.5), n_steps=0)
+        PosteriorValueGuidance(lambda y, t, c: y.sum(), schedule, 0.1, 1 / 20, n_steps=0)
+
+
+def test_posterior_value_guidance_follows_the_moving_gradient():
+    """The second guide step takes the gradient at the point the first one moved to."""
+    schedule = DiscreteVP.cosine(20)
+    x = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]
+    t = torch.full((9,), 0.5, dtype=torch.float64)
+    hook = PosteriorValueGuidance(log_gauss_objective(1.0, 0.5), schedule, scale=3.0, chain_step=1 / 20, n_steps=2)
+    step = 3.0 * official_posterior_variance(schedule)[9]
+    once = x + step * (-(x - 1.0) / 0.25)
+    torch.testing.assert_close(hook.project(x, t), once + step * (-(once - 1.0) / 0.25))
