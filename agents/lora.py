@@ -1,71 +1,103 @@
-"""Low-rank adapters (LoRA, Hu et al. 2022) wrapped around the linear and convolutional layers of any module.
+"""Low-rank adapters (LoRA, Hu et al. 2022) through peft: add them, switch them off, save and merge them.
 
-A wrapped layer computes ``base(x) + (alpha / rank) * up(down(x))``. ``down`` has the base layer's receptive field
-(same kernel, stride, padding and dilation, ``rank`` output channels) and ``up`` is a 1x1 map to the base layer's
-outputs, initialised to zero, so a freshly adapted module computes exactly what it did before. The base weights
-are frozen; only the adapters train. The adapters are created on the base layer's device and in its dtype.
+A diffusers model gets its adapters through its own ``add_adapter`` (so ``pipe.load_lora_weights`` and the
+diffusers LoRA tooling know them); any other module through peft's ``inject_adapter_in_model``. Adapters start
+as the identity (``up`` = 0, peft's "gaussian" init of ``down`` as in diffusers' LoRA training scripts). The
+base weights are frozen; only the adapters train. The reference (starting) model is the same module with its
+adapters switched off (:func:`adapters_disabled`), not a copy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
-from torch import Tensor, nn
+from torch import nn
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class LoRA(nn.Module):
-    """``base(x) + scale * up(down(x))`` around a frozen ``nn.Linear`` or ``nn.ConvNd`` (groups = 1)."""
-
-    def __init__(self, base: nn.Module, rank: int = 4, alpha: float | None = None):
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        if not isinstance(base, (nn.Linear, *_CONVS)):
-            raise TypeError(f"LoRA wraps nn.Linear and nn.Conv1d/2d/3d layers, got {type(base).__name__}")
-        place = {"device": base.weight.device, "dtype": base.weight.dtype}
-        if isinstance(base, nn.Linear):
-            self.down: nn.Module = nn.Linear(base.in_features, rank, bias=False, **place)
-            self.up: nn.Module = nn.Linear(rank, base.out_features, bias=False, **place)
-        else:
-            if base.groups != 1:
-                raise ValueError(f"LoRA supports convolutions with groups=1 only, got {base}")
-            conv = type(base)
-            self.down = conv(base.in_channels, rank, base.kernel_size, stride=base.stride, padding=base.padding,
-                             dilation=base.dilation, bias=False, padding_mode=base.padding_mode, **place)
-            self.up = conv(rank, base.out_channels, 1, bias=False, **place)
-        nn.init.zeros_(self.up.weight)
-        self.base = base.requires_grad_(False)
-        self.scale = (alpha if alpha is not None else rank) / rank
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + self.scale * self.up(self.down(x))
+def linear_and_conv_names(module: nn.Module) -> list[str]:
+    """Names of the ``nn.Linear`` and ``nn.ConvNd`` (groups = 1) layers of ``module``."""
+    return [name for name, layer in module.named_modules()
+            if name and (isinstance(layer, nn.Linear) or isinstance(layer, _CONVS) and layer.groups == 1)]
 
 
-def add_lora(module: nn.Module, rank: int = 4, alpha: float | None = None,
-             include: Callable[[str, nn.Module], bool] | None = None) -> list[str]:
-    """Freeze ``module`` and wrap its linear / convolutional layers (those ``include(name, layer)`` accepts) in LoRA.
+def add_lora(module: nn.Module, rank: int, alpha: float | None = None,
+             targets: Sequence[str] | None = None) -> list[nn.Parameter]:
+    """Freeze ``module`` and add LoRA adapters of ``rank`` to the layers named (or name-suffixed) by ``targets``
+    (default: every linear and convolutional layer); returns the adapter parameters, which train."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    Layers are replaced in place; returns the names of the wrapped layers. Wrapping twice raises.
-    """
-    if any(isinstance(m, LoRA) for m in module.modules()):
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if any(isinstance(m, BaseTunerLayer) for m in module.modules()):
         raise ValueError("module already has LoRA adapters")
+    targets = list(targets) if targets else linear_and_conv_names(module)
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian",
+                        target_modules=targets)
     module.requires_grad_(False)
-    targets = [
-        (name, layer) for name, layer in module.named_modules()
-        if (isinstance(layer, nn.Linear) or isinstance(layer, _CONVS) and layer.groups == 1)
-        and (include is None or include(name, layer))
-    ]
-    if not targets:
-        raise ValueError("no nn.Linear / nn.ConvNd layer to adapt in this module")
-    for name, layer in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, LoRA(layer, rank, alpha))
-    return [name for name, _ in targets]
+    try:
+        if hasattr(module, "add_adapter") and hasattr(module, "save_config"):  # a diffusers model
+            module.add_adapter(config)
+        else:
+            inject_adapter_in_model(config, module)
+    except ValueError as err:
+        raise ValueError(f"LoRA targets {targets} do not name layers of this model: {err}") from None
+    params = lora_parameters(module)
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The trainable adapter parameters of a module prepared by :func:`add_lora`."""
-    return [p for m in module.modules() if isinstance(m, LoRA) for p in (*m.down.parameters(), *m.up.parameters())]
+    """The adapter parameters of a module prepared by :func:`add_lora`."""
+    return [p for name, p in module.named_parameters() if "lora_" in name]
+
+
+def has_lora(module: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: nn.Module) -> Iterator[nn.Module]:
+    """Within the block ``module`` computes its base (starting) model; the adapters come back afterwards."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield module
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)  # also marks the adapters trainable again
+
+
+def save_lora(pipe, unet: nn.Module, folder: str | Path) -> Path:
+    """Write the U-Net's adapters in the diffusers format that ``pipe.load_lora_weights(folder)`` reads."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    metadata = unet.peft_config["default"].to_dict()
+    type(pipe).save_lora_weights(str(folder), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata,
+                                 safe_serialization=True)
+    return Path(folder)
+
+
+def merged_copy(unet: nn.Module) -> nn.Module:
+    """A plain copy of a diffusers U-Net with its adapters merged into the base weights (the U-Net is unchanged)."""
+    unet.fuse_lora()
+    try:
+        state = {name.replace(".base_layer", ""): value.detach().clone() for name, value in unet.state_dict().items()
+                 if "lora_" not in name}
+    finally:
+        unet.unfuse_lora()
+    merged = type(unet).from_config(unet.config)
+    merged.load_state_dict(state)
+    return merged.to(device=unet.device, dtype=unet.dtype).requires_grad_(False)

@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=0, help="0: fine-tune the whole U-Net")
     parser.add_argument("--clip-range", type=float, default=0.2)
     parser.add_argument("--inner-epochs", type=int, default=2)
+    parser.add_argument("--train-batch-size", type=int, default=4, help="chains per optimiser step (DDPO-IS)")
     parser.add_argument("--minibatch-size", type=int, default=32)
     parser.add_argument("--target-class", type=int, default=-1,
                         help="digit the classifier rewards; -1: the one the start model draws least unprompted")
@@ -116,9 +117,10 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(args.out)
     classifier = load_classifier(Path(args.pretrained) / "classifier.pt")
-    base = DDPOConfig(method="is", sample_steps=args.sample_steps, guidance_weight=args.guidance, lr=args.lr,
+    base = DDPOConfig(method="is", sample_steps=args.sample_steps, guidance_scale=args.guidance, lr=args.lr,
                       lora_rank=args.lora_rank, clip_range=args.clip_range, inner_epochs=args.inner_epochs,
-                      minibatch_size=args.minibatch_size, stat_buffer_size=32, stat_min_count=8, seed=args.seed)
+                      train_batch_size=args.train_batch_size, minibatch_size=args.minibatch_size,
+                      stat_buffer_size=32, stat_min_count=8, seed=args.seed)
     compress = functools.partial(jpeg_compressibility, value_range=VALUE_RANGE)
     all_classes = torch.arange(10).repeat(10)  # 100 evaluation images, 10 per class
 
@@ -134,7 +136,7 @@ def main() -> None:
 
     results: dict = {"target_class": target, "args": vars(args)}
     results["compress_is"], _ = run("compress_is", base, compress, all_classes, args)
-    sf = replace(base, method="sf", inner_epochs=1)  # on-policy: one step per batch
+    sf = replace(base, method="sf", inner_epochs=1, train_batch_size=None)  # on-policy: one step per batch
     results["compress_sf"], _ = run("compress_sf", sf, compress, all_classes, args)
     results["classifier_is"], images = run("classifier_is", unprompted, confidence, all_classes, args)
     with torch.no_grad():

@@ -14,7 +14,7 @@ from test_ddpo import SHAPE, brightness_reward, tiny_agent, tiny_model
 from torch import nn
 
 from agents.ddpo import DDPO, DDPOConfig, SampleEvaluator
-from agents.lora import LoRA, add_lora, lora_parameters
+from agents.lora import add_lora
 from diffrl.training import TrainConfig, Trainer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -63,14 +63,14 @@ def test_evaluator_runs_in_float64(tmp_path):
 
 def test_x_T_follows_the_model_dtype():
     """Chains and samples start from a prior draw in the dtype of the model the agent was built on."""
-    config = DDPOConfig(sample_steps=4, guidance_weight=2.0, minibatch_size=8, drift_samples=2)
+    config = DDPOConfig(sample_steps=3, guidance_scale=2.0, minibatch_size=8, drift_samples=2)
     agent = DDPO(config, tiny_model().double(), brightness_reward, SHAPE, num_classes=3)
     assert agent.sample(torch.tensor([0, 1]), torch.Generator().manual_seed(0)).dtype == torch.float64
     batch = agent.collect(3, torch.Generator().manual_seed(0))
     assert batch["latents"][:, 0].dtype == torch.float64
     # The same draw as one made directly in float64 with the same generator.
     generator = torch.Generator().manual_seed(0)
-    agent.sample_labels(3, generator)
+    agent.chain.draw(3, generator)
     expected = agent.model.schedule.prior((3, *SHAPE), generator=generator, dtype=torch.float64)
     torch.testing.assert_close(batch["latents"][:, 0], expected, rtol=0, atol=0)
 
@@ -78,7 +78,7 @@ def test_x_T_follows_the_model_dtype():
 def test_generator_lives_on_the_model_device_and_to_keeps_its_stream_on_the_same_device():
     agent = tiny_agent()
     assert agent.generator.device == agent.device == torch.device("cpu")
-    agent._pairs(4, 3)  # advances the stream
+    torch.rand(3, generator=agent.generator)  # advances the stream
     state = agent.generator.get_state()
     agent.to(dtype=torch.float64)  # same device: the stream goes on
     torch.testing.assert_close(agent.generator.get_state(), state)
@@ -90,26 +90,16 @@ def test_generator_lives_on_the_model_device_and_to_keeps_its_stream_on_the_same
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_lora_adapters_take_the_base_layer_dtype(dtype):
     torch.manual_seed(0)
-    linear = nn.Linear(5, 3).to(dtype)
-    conv = nn.Conv2d(2, 4, 3, padding=1).to(dtype)
-    for base, x in ((linear, torch.randn(2, 5, dtype=dtype)), (conv, torch.randn(2, 2, 6, 6, dtype=dtype))):
-        expected = base(x)
-        wrapped = LoRA(base, rank=2)
-        for p in (*wrapped.down.parameters(), *wrapped.up.parameters()):
-            assert p.dtype == dtype and p.device == base.weight.device and p.requires_grad
-        out = wrapped(x)
-        assert out.dtype == dtype
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)  # zero-initialised up: the base layer's output
-        out.float().square().sum().backward()
-        assert wrapped.down.weight.grad.dtype == wrapped.up.weight.grad.dtype == dtype
-
-
-def test_add_lora_on_a_bfloat16_module():
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
-    net = net.to(torch.bfloat16)
-    add_lora(net, rank=2)
-    assert {p.dtype for p in lora_parameters(net)} == {torch.bfloat16}
-    assert net(torch.randn(3, 1, 4, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)).to(dtype)
+    x = torch.randn(3, 1, 4, 4, dtype=dtype)
+    expected = net(x)
+    params = add_lora(net, rank=2)
+    assert {p.dtype for p in params} == {dtype} and all(p.requires_grad for p in params)
+    out = net(x)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)  # zero-initialised up: the base layers' output
+    out.float().square().sum().backward()
+    assert {p.grad.dtype for p in params if p.grad is not None} == {dtype}
 
 
 @cuda
@@ -120,7 +110,7 @@ def test_cuda_agent_collects_updates_and_samples_on_the_gpu():
     assert device.type == "cuda" and agent.generator.device == device
     generator = torch.Generator(device).manual_seed(0)
     batch = agent.collect(6, generator)
-    for key in ("latents", "log_probs", "labels", "images", "rewards", "advantages", "drift"):
+    for key in ("latents", "log_probs", "cond", "images", "rewards", "advantages", "drift"):
         assert batch[key].device == device, key
     metrics = agent.update(batch)
     assert all(v.device == device for v in metrics.values() if isinstance(v, torch.Tensor))
@@ -147,10 +137,10 @@ def test_cuda_agent_collects_updates_and_samples_on_the_gpu():
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_lora_bfloat16_and_float32(dtype):
-    base = nn.Conv2d(2, 4, 3, padding=1).to("cuda", dtype)
-    wrapped = LoRA(base, rank=2)
-    assert all(p.device == base.weight.device and p.dtype == dtype for p in lora_parameters(nn.Sequential(wrapped)))
-    assert wrapped(torch.randn(1, 2, 5, 5, device="cuda", dtype=dtype)).dtype == dtype
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1)).to("cuda", dtype)
+    params = add_lora(net, rank=2)
+    assert all(p.device == net[0].weight.device and p.dtype == dtype for p in params)
+    assert net(torch.randn(1, 2, 5, 5, device="cuda", dtype=dtype)).dtype == dtype
 
 
 @pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers is not installed")
