@@ -50,13 +50,18 @@ class EMA:
     """Exponential moving average of a module's parameters, held in a frozen copy of the module.
 
     ``update()`` moves every parameter of the copy towards the source: ``ema <- decay * ema + (1 - decay) * p``;
-    buffers (e.g. normalisation statistics) are copied as they are.
+    buffers (e.g. normalisation statistics) are copied as they are. With ``power`` set, the decay of update ``n``
+    (0-based) warms up as in the EMAModel of Chi et al.'s diffusion_policy: 0 for ``n <= 1``, else
+    ``min(decay, 1 - (1 + (n - 1) / inv_gamma) ** -power)``; without it every update uses ``decay``.
     """
 
-    def __init__(self, module: nn.Module, decay: float) -> None:
+    def __init__(self, module: nn.Module, decay: float, power: float | None = None, inv_gamma: float = 1.0) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
+        if (power is not None and not power > 0) or not inv_gamma > 0:
+            raise ValueError(f"EMA warmup needs power > 0 and inv_gamma > 0, got {power}, {inv_gamma}")
         self.decay = float(decay)
+        self.power, self.inv_gamma = power, float(inv_gamma)
         self.source = module
         self.module = copy.deepcopy(module).requires_grad_(False)
         for p in self.module.parameters():
@@ -74,12 +79,19 @@ class EMA:
         self._pair_up()  # moving replaces buffer tensors
         return self
 
+    def decay_at(self, n: int) -> float:
+        """The decay used by update number ``n`` (0-based)."""
+        if self.power is None:
+            return self.decay
+        step = n - 1
+        return 0.0 if step <= 0 else min(self.decay, 1.0 - (1.0 + step / self.inv_gamma) ** -self.power)
+
     @torch.no_grad()
     def update(self) -> None:
         """One averaging step towards the source module's current parameters."""
         ema_params, params = self._pairs
         if ema_params:
-            torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+            torch._foreach_lerp_(ema_params, params, 1.0 - self.decay_at(self.num_updates))
         self._copy_buffers()
         self.num_updates += 1
 
@@ -135,7 +147,8 @@ class Learner:
     The learning rate of update ``s`` (0-based) is ``lr * warmup(s) * decay(s)``: linear warmup
     ``(s + 1) / warmup_steps`` over the first ``warmup_steps`` updates, then for "cosine" / "linear" a decay
     from 1 to 0 over the remaining ``total_steps - warmup_steps`` updates. The EMA copies the parameters
-    for the first ``ema_start`` updates and averages every ``ema_update_every`` updates afterwards.
+    for the first ``ema_start`` updates and averages every ``ema_update_every`` updates afterwards, with the
+    decay ``ema_decay`` or, given ``ema_power``, warmed up to it (see :class:`EMA`).
     ``state_dict`` holds the optimiser, the update count and the EMA, not the module's own parameters.
     """
 
@@ -152,6 +165,8 @@ class Learner:
         ema_decay: float | None = None,
         ema_update_every: int = 1,
         ema_start: int = 0,
+        ema_power: float | None = None,
+        ema_inv_gamma: float = 1.0,
     ) -> None:
         module = module_or_params if isinstance(module_or_params, nn.Module) else None
         params = module.parameters() if module is not None else module_or_params
@@ -194,7 +209,7 @@ class Learner:
         self.num_steps = 0
         broadcast_tensors(self.params)  # all ranks start from rank 0's initialisation
         self.optimizer = _make_adamw(self.params, lr=self.base_lr, betas=tuple(betas), weight_decay=weight_decay)
-        self.ema = EMA(module, ema_decay) if ema_decay is not None else None
+        self.ema = EMA(module, ema_decay, ema_power, ema_inv_gamma) if ema_decay is not None else None
         self.scaler: torch.amp.GradScaler | None = None
         self.nonfinite_updates = torch.zeros((), dtype=torch.int64, device=self.params[0].device)
 

@@ -286,9 +286,11 @@ class OfflineDataset:
             "terminals": self.terminals[idx].to(self.rewards.dtype),
         }
 
-    def sequences(self, horizon: int, stride: int = 1, pad: bool = True, discount: float = 1.0) -> SequenceDataset:
+    def sequences(self, horizon: int, stride: int = 1, pad: bool = True, discount: float = 1.0,
+                  pad_before: int = 0, pad_after: int | None = None) -> SequenceDataset:
         """Fixed-length windows over episodes (see `SequenceDataset`)."""
-        return SequenceDataset(self, horizon, stride=stride, pad=pad, discount=discount)
+        return SequenceDataset(self, horizon, stride=stride, pad=pad, discount=discount, pad_before=pad_before,
+                               pad_after=pad_after)
 
     def _select(self, idx: slice | np.ndarray, name: str) -> OfflineDataset:
         return OfflineDataset(
@@ -354,7 +356,10 @@ class SequenceDataset:
 
     Windows start at every ``stride``-th step of each episode. With ``pad=True`` windows may run past the
     episode end: there ``mask`` is False, observations/actions repeat the last real step, and rewards and
-    returns-to-go are 0. With ``pad=False`` only windows that fit inside an episode are kept.
+    returns-to-go are 0. With ``pad=False`` only windows that fit inside an episode are kept. ``pad_after``
+    bounds the steps past the end a window may hold (None: ``horizon - 1`` with ``pad=True``, 0 without), and
+    windows may start up to ``pad_before`` steps before the episode, the first step repeated there (mask False),
+    as the ``pad_before`` / ``pad_after`` of the sequence sampler of Chi et al.'s diffusion_policy.
     ``returns_to_go`` is the ``discount``-ed reward-to-go of each step within its episode, computed once.
 
     Windows are stored as indices; the (M, H, ...) attribute tensors are gathered when accessed, and
@@ -364,20 +369,25 @@ class SequenceDataset:
     KEYS = ("observations", "actions", "rewards", "returns_to_go", "mask")
 
     def __init__(self, dataset: OfflineDataset, horizon: int, stride: int = 1, pad: bool = True,
-                 discount: float = 1.0) -> None:
+                 discount: float = 1.0, pad_before: int = 0, pad_after: int | None = None) -> None:
         if horizon < 1 or stride < 1:
             raise ValueError(f"horizon and stride must be >= 1, got horizon={horizon}, stride={stride}")
+        pad_after = (horizon - 1 if pad else 0) if pad_after is None else pad_after
+        if not (0 <= pad_before < horizon and 0 <= pad_after < horizon):
+            raise ValueError(f"pad_before and pad_after must lie in [0, horizon - 1 = {horizon - 1}], got "
+                             f"{pad_before}, {pad_after}")
         self.dataset, self.horizon, self.stride, self.pad, self.discount = dataset, horizon, stride, pad, discount
         starts, ends = dataset._starts, dataset._ends
         lengths = ends - starts
-        n_windows = np.maximum(lengths if pad else lengths - horizon + 1, 0)
+        n_windows = np.maximum(lengths - horizon + 1 + pad_before + pad_after, 0)
         n_windows = (n_windows + stride - 1) // stride
         episode = np.repeat(np.arange(len(starts)), n_windows)
         first = np.cumsum(n_windows) - n_windows
-        offset = (np.arange(int(n_windows.sum())) - np.repeat(first, n_windows)) * stride
+        offset = (np.arange(int(n_windows.sum())) - np.repeat(first, n_windows)) * stride - pad_before
         device = dataset.device
         self.episode_index = torch.from_numpy(episode).to(device)
         self.start = torch.from_numpy(starts[episode] + offset).to(device)  # absolute index of each window's start
+        self.episode_start = torch.from_numpy(starts[episode]).to(device)
         self.episode_end = torch.from_numpy(ends[episode]).to(device)
         self._steps = torch.arange(horizon, device=device)
         self._rtg = dataset.returns_to_go(discount)
@@ -388,9 +398,9 @@ class SequenceDataset:
     def __getitem__(self, idx: torch.Tensor | np.ndarray | Sequence[int] | int) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(idx, dtype=torch.long, device=self.start.device)
         pos = self.start[idx].unsqueeze(-1) + self._steps
-        end = self.episode_end[idx].unsqueeze(-1)
-        mask = pos < end
-        pos = torch.minimum(pos, end - 1)
+        begin, end = self.episode_start[idx].unsqueeze(-1), self.episode_end[idx].unsqueeze(-1)
+        mask = (pos >= begin) & (pos < end)
+        pos = torch.maximum(torch.minimum(pos, end - 1), begin)
         d = self.dataset
         zero = d.rewards.new_zeros(())
         return {
