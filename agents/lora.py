@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -91,13 +92,17 @@ def save_lora(pipe, unet: nn.Module, folder: str | Path) -> Path:
 
 
 def merged_copy(unet: nn.Module) -> nn.Module:
-    """A plain copy of a diffusers U-Net with its adapters merged into the base weights (the U-Net is unchanged)."""
-    unet.fuse_lora()
-    try:
-        state = {name.replace(".base_layer", ""): value.detach().clone() for name, value in unet.state_dict().items()
-                 if "lora_" not in name}
-    finally:
-        unet.unfuse_lora()
+    """A plain copy of a diffusers U-Net with its active adapters merged into the base weights, W + delta as peft
+    merges them; the adapted U-Net itself is left as it is."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    state = {name.replace(".base_layer", ""): value.detach().clone() for name, value in unet.state_dict().items()
+             if "lora_" not in name}
+    with torch.no_grad():
+        for name, layer in unet.named_modules():
+            if isinstance(layer, BaseTunerLayer) and not layer.merged:
+                for adapter in layer.active_adapters:
+                    state[f"{name}.weight"] += layer.get_delta_weight(adapter).to(state[f"{name}.weight"].dtype)
     merged = type(unet).from_config(unet.config)
     merged.load_state_dict(state)
     return merged.to(device=unet.device, dtype=unet.dtype).requires_grad_(False)
