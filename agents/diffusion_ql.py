@@ -37,8 +37,9 @@ from diffrl.nets import ResidualMLP, SinusoidalTimeEmbedding
 from diffrl.nets.activations import Mish
 from diffrl.nets.checks import check_shape
 from diffrl.nets.embeddings import broadcast_time
+from diffrl.predictions import make_prediction
 from diffrl.schedules import DiscreteVP
-from diffrl.solvers import DDPM
+from diffrl.solvers import DDPM, make_solver
 from diffrl.training import LR_SCHEDULES, Learner
 
 SELECTIONS = ("softmax", "max", "none")
@@ -238,6 +239,8 @@ def actor_model(obs_dim: int, act_dim: int, net: str = "mlp", hidden: int = 256,
 class DiffusionQLActor(nn.Module):
     """Samples ``n_candidates`` actions per state with DDPM over the short chain and picks one by min Q.
 
+    ``solver`` / ``solver_kwargs`` / ``steps`` (None: ``diffusion_steps``) / ``prediction`` describe how the
+    network is sampled; a distilled student (``diffrl distill``) changes them, training always uses the defaults.
     ``net`` defaults to ``residual_mlp`` here only so that policies exported before the option existed still load;
     :meth:`DiffusionQL.build_actor` always passes it.
     """
@@ -245,22 +248,29 @@ class DiffusionQLActor(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, depth: int = 3, time_dim: int = 16,
                  diffusion_steps: int = 5, beta_min: float = 0.1, beta_max: float = 10.0, critic_hidden: int = 256,
                  critic_depth: int = 3, n_candidates: int = 50, selection: str = "softmax",
-                 net: str = "residual_mlp"):
+                 net: str = "residual_mlp", solver: str = "ddpm", solver_kwargs: dict | None = None,
+                 steps: int | None = None, prediction: str = "eps"):
         super().__init__()
         _check_choice("selection", selection, SELECTIONS)
         self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self.obs_dim, self.act_dim = obs_dim, act_dim
-        self.steps, self.n_candidates, self.selection = diffusion_steps, n_candidates, selection
+        self.obs_dim, self.act_dim, self.x_shape = obs_dim, act_dim, (act_dim,)
+        self.steps, self.n_candidates, self.selection = steps or diffusion_steps, n_candidates, selection
         self.model = actor_model(obs_dim, act_dim, net, hidden, depth, time_dim, diffusion_steps, beta_min, beta_max)
+        self.model.prediction = make_prediction(prediction)
+        self.solver = make_solver(solver, **(solver_kwargs or {}))
         self.critic = QEnsemble(obs_dim, act_dim, 2, critic_hidden, critic_depth, activation="mish")
 
     def export_config(self) -> dict[str, Any]:
         return dict(self._config)
 
+    def cond(self, obs: Tensor) -> Tensor:
+        """The denoiser's condition: the newest observation (B, obs_dim)."""
+        return last_observation(obs, self.obs_dim)
+
     def forward(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        s = last_observation(obs, self.obs_dim)
+        s = self.cond(obs)
         n = 1 if self.selection == "none" else self.n_candidates
-        states, actions = candidate_actions(self.model, s, n, self.act_dim, DDPM(), self.steps, generator)
+        states, actions = candidate_actions(self.model, s, n, self.act_dim, self.solver, self.steps, generator)
         if n == 1:
             return actions.unsqueeze(1)
         logits = self.critic.min(states, actions).view(s.shape[0], n)

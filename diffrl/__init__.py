@@ -1,13 +1,13 @@
 """diffrl: diffusion models for decision making.
 
-``diffrl.make``, ``diffrl.resume`` and ``diffrl.describe`` (from :mod:`diffrl.api`) train agents from Python as
-``diffrl train`` does; they are imported on first use, so ``import diffrl`` stays light and the core modules never
-import ``agents`` or ``envs``.
+``diffrl.make``, ``diffrl.resume``, ``diffrl.distill`` and ``diffrl.describe`` (from :mod:`diffrl.api`) train agents
+from Python as ``diffrl train`` / ``diffrl distill`` do; they are imported on first use, so ``import diffrl`` stays
+light and the core modules never import ``agents`` or ``envs``.
 """
 
 __version__ = "0.1.0"
 
-_API = ("Experiment", "Run", "RunSpec", "describe", "make", "resume")
+_API = ("Experiment", "Run", "RunSpec", "describe", "distill", "make", "resume")
 
 
 def __getattr__(name: str):

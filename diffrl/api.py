@@ -86,7 +86,8 @@ def batch_sampler(agent: Any, dataset: Any) -> Callable:
 class RunSpec:
     """Everything needed to rebuild a run: saved as ``config.json`` in the run folder. ``dataset`` is absolute
     when it names a file; ``dataset_sha256`` is the data's fingerprint (``OfflineDataset.fingerprint``);
-    ``eval_env`` is the evaluation environment (None: the dataset's)."""
+    ``eval_env`` is the evaluation environment (None: the dataset's); ``distill`` the settings of a run made by
+    :func:`distill` (its teacher run and ``DistillConfig``; ``agent_config`` is then the teacher's)."""
 
     agent: str
     dataset: str
@@ -96,6 +97,7 @@ class RunSpec:
     diffrl_version: str = __version__
     dataset_sha256: str | None = None
     eval_env: str | None = None
+    distill: dict | None = None
 
     def save(self, run_dir: Path) -> None:
         with atomic_open(run_dir / RUN_CONFIG, "w") as f:
@@ -218,6 +220,9 @@ def resume(run_dir: str | os.PathLike, steps: int | None = None, *, dataset: str
     """
     run_dir = Path(run_dir)
     spec = RunSpec.load(run_dir)
+    if spec.distill is not None:
+        raise ValueError(f"{run_dir} was made by diffrl distill, which does not resume: distil its teacher "
+                         f"{spec.distill.get('teacher_run')} again")
     changes = {k: v for k, v in {"steps": steps, **changes}.items() if v is not None}
     known = (*_RESUME_FREE, *_RESUME_WARN, "seed", "batch_size", "eval_episodes", "eval_env")
     for name in changes:
@@ -253,6 +258,67 @@ def resume(run_dir: str | os.PathLike, steps: int | None = None, *, dataset: str
     data = _load_dataset(spec.dataset if dataset is None else dataset, trust_env)
     run, _ = _run(spec, data, trust_env, run_dir, resume=True)
     return run
+
+
+def distill(run_dir: str | os.PathLike, method: str = "progressive", steps: int = 2, *,
+            out_dir: str | os.PathLike | None = None, runs_root: str = "runs", overwrite: bool = False,
+            batch_size: int = 256, seed: int = 0, device: str = "auto", eval_episodes: int | None = None,
+            trust_env: bool = False, progress: bool = True, **settings: Any) -> Run:
+    """Distil the policy of the run in ``run_dir`` into a student sampled in ``steps`` network calls, trained as a
+    new run folder (``out_dir``, default ``<runs_root>/<agent>-<method><steps>-<dataset>-<time>``) laid out as
+    :meth:`Experiment.fit` lays one out, its ``policy.pt`` evaluated on the teacher run's episodes.
+
+    ``method``: progressive, consistency, consistency-training or reflow (see :mod:`diffrl.distillation`);
+    ``settings``: further :class:`~diffrl.distillation.DistillConfig` fields (iterations, teacher_steps, scales,
+    lr, ...).
+    Works for the actors of DiffusionBC, Diffusion Policy and Diffusion-QL, and for distilled runs of those.
+    """
+    from agents.policy import CHECKPOINT_KIND, build_actor
+    from diffrl.checkpoint import load_checkpoint
+    from diffrl.distillation import DistillConfig, make_distiller
+    from envs import check_env
+
+    run_dir = Path(run_dir)
+    spec = RunSpec.load(run_dir)
+    config = apply_values(DistillConfig(method=method, steps=steps), settings)
+    payload = load_checkpoint(run_dir / POLICY_FILE, expected_kind=CHECKPOINT_KIND)
+    kind, actor_config = payload["actor_kind"], payload["actor_config"]
+    teacher = build_actor(kind, actor_config)
+    if not (hasattr(teacher, "cond") and {"solver", "solver_kwargs", "steps", "prediction"} <= set(actor_config)):
+        raise ValueError(f"{run_dir}: a {kind!r} actor cannot be distilled; diffrl distill takes runs of "
+                         "diffusion_bc, diffusion_policy and diffusion_ql")
+    teacher.load_state_dict(payload["actor_state"])
+    dataset = _load_dataset(spec.dataset, trust_env)
+    if spec.dataset_sha256 not in (None, dataset.fingerprint()):
+        raise ValueError(f"dataset {spec.dataset} no longer holds the data {run_dir} was trained on")
+    device = resolve_device(device)
+    teacher.to(device)
+    seed_everything(seed)
+    distiller = make_distiller(teacher.model, config, _distill_data(teacher, payload["policy"], dataset))
+    total = distiller.total_iterations
+    train = {**config_to_dict(TrainConfig()), "steps": total, "batch_size": batch_size, "seed": seed,
+             "device": str(device), "log_every": default_log_every(total), "checkpoint_every": max(1, total // 5),
+             "progress": progress}
+    del train["run_dir"]
+    episodes = spec.eval_episodes if eval_episodes is None else eval_episodes
+    origin = {"teacher_run": str(run_dir.resolve()), **config_to_dict(config)}
+    new_spec = RunSpec(spec.agent, spec.dataset, spec.agent_config, train, episodes, dataset_sha256=spec.dataset_sha256,
+                       eval_env=spec.eval_env, distill=origin)
+    evaluation = _evaluation(new_spec, dataset, trust_env)
+    if evaluation is not None:
+        check_env(dataset, trust_env=trust_env, env=new_spec.eval_env)
+    folder = _new_run_dir(out_dir, runs_root, overwrite, f"{spec.agent}-{method}{steps}", dataset.name)
+    out, lock = _claim_run_dir(new_spec, folder, overwrite)
+    try:
+        trainer = Trainer(distiller, distiller.batch_sampler(),
+                          config_from_dict(TrainConfig, {**train, "run_dir": str(out)}))
+        trainer.fit()
+        _save_student(payload, distiller, out / POLICY_FILE)
+        final = _finish(_PolicyFile(out / POLICY_FILE, device), out, new_spec, evaluation, trainer.step)
+    finally:
+        if lock is not None:
+            lock.release()
+    return Run(out, out / POLICY_FILE, trainer.history, trainer.evaluations, final)
 
 
 def describe(agent: str, dataset: str | None = None) -> str:
@@ -482,3 +548,46 @@ def _log_final(run_dir: Path, step: int, result: dict) -> None:
     with SummaryWriter(log_dir=str(run_dir / "tb")) as writer:
         for key, value in _numbers(result).items():
             writer.add_scalar(f"final/{key}", value, step)
+
+
+def _distill_data(actor: Any, settings: dict, dataset: Any) -> dict[str, torch.Tensor]:
+    """The actor's training pairs from the dataset's windows: normalised action chunks as the denoiser models them
+    ("x0") and its conditions ("cond"), normalised as the policy file says, on the actor's device and dtype."""
+    param = next(actor.parameters())
+    place = {"device": param.device, "dtype": param.dtype}
+    n_obs = getattr(actor, "n_obs_steps", 1)
+    windows = dataset.sequences(getattr(actor, "horizon", 1), pad=True)
+    batch = windows[torch.arange(len(windows))]
+    obs_mean, obs_std, act_mean, act_std = (settings[k].to(**place) for k in ("obs_mean", "obs_std", "act_mean",
+                                                                              "act_std"))
+    obs = (batch["observations"][:, :n_obs].to(**place) - obs_mean) / obs_std
+    actions = ((batch["actions"].to(**place) - act_mean) / act_std).clamp(-1.0, 1.0)
+    return {"x0": actions.reshape(len(actions), *actor.x_shape), "cond": actor.cond(obs)}
+
+
+def _save_student(payload: dict, distiller: Any, path: Path) -> None:
+    """The teacher's policy file with the student's sampler settings and weights in place of the teacher's."""
+    from agents.policy import CHECKPOINT_KIND, build_actor
+    from diffrl.checkpoint import nonfinite_tensors, save_checkpoint
+
+    config = {**payload["actor_config"], **distiller.sampling()}
+    actor = build_actor(payload["actor_kind"], config)
+    actor.load_state_dict(payload["actor_state"])
+    actor.model.denoiser.load_state_dict(distiller.student.denoiser.state_dict())
+    state = {k: v.detach().cpu() for k, v in actor.state_dict().items()}
+    bad = nonfinite_tensors({"actor_state": state})
+    if bad:
+        raise ValueError(f"not saving the student to {path}: {', '.join(bad[:3])} hold NaN or infinite values")
+    save_checkpoint(path, {**payload, "actor_config": config, "actor_state": state}, kind=CHECKPOINT_KIND)
+
+
+class _PolicyFile:
+    """A saved policy presented as an agent for :func:`_finish` and :func:`_evaluation` (``policy(seed)``)."""
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        self.path, self.device = path, device
+
+    def policy(self, seed: int | None = None) -> Any:
+        from agents.policy import load_policy
+
+        return load_policy(self.path, seed=seed, device=self.device)

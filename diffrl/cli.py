@@ -1,4 +1,4 @@
-"""The ``diffrl`` command: train, eval, collect, bench and list.
+"""The ``diffrl`` command: train, distill, eval, collect, bench and list.
 
 ``diffrl train`` is a thin layer over :mod:`diffrl.api` (``make(...).fit(...)`` and ``resume``), so a run started
 from the command line and one started from Python write the same run folder. This module and ``diffrl.api`` are
@@ -24,6 +24,7 @@ from diffrl.api import (
     RunSpec,
     build_agent,
     describe,
+    distill,
     make,
     one_line,
     resolve_agent,
@@ -69,6 +70,17 @@ def cmd_train(args) -> None:
                       **{k: v for k, v in given.items() if k in _MAKE_OPTIONS}, **config)
     experiment.fit(run_dir=args.run_dir, runs_root=args.runs_root, overwrite=args.overwrite,
                    **{k: v for k, v in given.items() if k in _FIT_OPTIONS})
+
+
+def cmd_distill(args) -> None:
+    from diffrl.distillation import DistillConfig
+
+    settings = parse_overrides(DistillConfig, args.overrides)
+    settings.update({name: getattr(args, name) for name in ("iterations", "teacher_steps", "scales", "lr")
+                     if getattr(args, name) is not None})
+    distill(args.run, method=args.method, steps=args.steps, out_dir=args.run_dir, runs_root=args.runs_root,
+            overwrite=args.overwrite, batch_size=args.batch_size, seed=args.seed, device=args.device,
+            eval_episodes=args.eval_episodes, trust_env=args.trust_dataset_env, **settings)
 
 
 def _run_dir_of(path: Path) -> Path:
@@ -209,6 +221,28 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_flag(train)
     train.set_defaults(func=cmd_train, format_help=train.format_help)
 
+    dis = sub.add_parser("distill", help="distil a run's policy into a few-step student (a new run folder)",
+                         epilog="Further DistillConfig fields are set with field=value, e.g. target_ema=0.9 "
+                                "(see diffrl.distillation.DistillConfig).")
+    dis.add_argument("run", help="run folder of the teacher (diffusion_bc, diffusion_policy or diffusion_ql)")
+    dis.add_argument("--method", default="progressive",
+                     help="progressive, consistency, consistency-training or reflow (LinearFlow models)")
+    dis.add_argument("--steps", type=int, default=2, help="network calls of the student's sampler")
+    dis.add_argument("--iterations", type=int, help="updates per progressive round, or in all (default 2000)")
+    dis.add_argument("--teacher-steps", type=int,
+                     help="progressive: DDIM steps of the first teacher; reflow: ODE steps of the pairs")
+    dis.add_argument("--scales", type=int, help="consistency: discretisation N of the time grid")
+    dis.add_argument("--lr", type=float, help="student learning rate (default 3e-4)")
+    dis.add_argument("--batch-size", type=int, default=256)
+    dis.add_argument("--seed", type=int, default=0)
+    dis.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    dis.add_argument("--eval-episodes", type=int, help="final evaluation episodes (default: the teacher run's)")
+    dis.add_argument("--run-dir", help="run folder of the student (default: runs/<agent>-<method><steps>-...)")
+    dis.add_argument("--runs-root", default="runs")
+    dis.add_argument("--overwrite", action="store_true", help="replace an existing run folder --run-dir")
+    _trust_flag(dis)
+    dis.set_defaults(func=cmd_distill)
+
     ev = sub.add_parser("eval", help="evaluate saved policies (run folders, policy files or checkpoints)")
     ev.add_argument("paths", nargs="+")
     ev.add_argument("--episodes", type=int, default=10)
@@ -252,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "train" and args.agent and "=" in args.agent:  # `train --resume RUN field=value`
         overrides.insert(0, args.agent)
         args.agent = None
-    unknown = extra if args.command != "train" else [x for x in extra if x not in overrides]
+    unknown = extra if args.command not in ("train", "distill") else [x for x in extra if x not in overrides]
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
     args.overrides = overrides

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import torch
 from torch import Tensor
 
 from diffrl.schedules import NoiseSchedule, expand_like
@@ -106,8 +107,52 @@ class VelocityPrediction(Prediction):
         return da * x0 + ds * eps
 
 
+def noise_level(schedule: NoiseSchedule, t: Tensor) -> Tensor:
+    """sigma(t) / alpha(t): the noise standard deviation of x_t / alpha(t) = x0 + (sigma / alpha) eps."""
+    return (schedule.log_sigma(t) - schedule.log_alpha(t)).exp()
+
+
+class ConsistencyPrediction(Prediction):
+    """A consistency function's network output F (Song et al. 2023, their boundary-condition parametrisation).
+
+    In the variables x = x_t / alpha (noise level s = sigma / alpha) the output is
+    ``f = c_skip(s) x + c_out(s) F`` with ``c_skip = sd^2 / ((s - s0)^2 + sd^2)``,
+    ``c_out = sd (s - s0) / sqrt(sd^2 + s^2)``, ``sd = sigma_data`` (0.5) and ``s0`` the noise level at t = 0, so
+    ``f(x_t, 0) = x_t`` exactly. The boundary sits at the data end t = 0 (s0 = 0 except for VE processes) rather than
+    at a small s0 as in the paper, because the last grid point of a short discrete chain is far from clean data.
+    """
+
+    name = "consistency"
+
+    def __init__(self, sigma_data: float = 0.5):
+        self.sigma_data = sigma_data
+
+    def scalings(self, x_t: Tensor, t: Tensor, schedule: NoiseSchedule) -> tuple[Tensor, Tensor]:
+        """(c_skip / alpha, c_out) shaped like ``x_t``: f = (c_skip / alpha) x_t + c_out F."""
+        s = noise_level(schedule, t)
+        gap = s - noise_level(schedule, torch.zeros_like(t))
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (gap * gap + sd2)
+        c_out = self.sigma_data * gap / (sd2 + s * s).sqrt()
+        return expand_like(c_skip / schedule.alpha(t), x_t), expand_like(c_out, x_t)
+
+    def to_x0_eps(self, out, x_t, t, schedule):
+        skip, c_out = self.scalings(x_t, t, schedule)
+        x0 = skip * x_t + c_out * out
+        a, s = _coefs(schedule, t, x_t)
+        return x0, (x_t - a * x0) / s
+
+    def from_x0_eps(self, x0, eps, x_t, t, schedule):
+        skip, c_out = self.scalings(x_t, t, schedule)
+        return (x0 - skip * x_t) / c_out
+
+    def __repr__(self) -> str:
+        return f"ConsistencyPrediction(sigma_data={self.sigma_data})"
+
+
 PREDICTIONS: dict[str, type[Prediction]] = {
-    p.name: p for p in (EpsPrediction, X0Prediction, VPrediction, ScorePrediction, VelocityPrediction)
+    p.name: p for p in (EpsPrediction, X0Prediction, VPrediction, ScorePrediction, VelocityPrediction,
+                        ConsistencyPrediction)
 }
 
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from diffrl.solvers.base import AffineStep, Solver, gaussian_log_prob
+from diffrl.solvers.consistency import ConsistencySampler
 from diffrl.solvers.ddim import DDIM, DDPM, StepDistribution, Trajectory
 from diffrl.solvers.dpm_solver import DPMSolverPP
+from diffrl.solvers.grid import GridDDIM
 from diffrl.solvers.ode import Euler, Heun
 from diffrl.solvers.plan import SamplingPlan
 from diffrl.solvers.sde import EulerMaruyama
 from diffrl.solvers.timesteps import SPACINGS, make_timesteps
 
 SOLVERS: dict[str, type[Solver]] = {
-    cls.name: cls for cls in (DDPM, DDIM, DPMSolverPP, Euler, Heun, EulerMaruyama)
+    cls.name: cls for cls in (DDPM, DDIM, DPMSolverPP, Euler, Heun, EulerMaruyama, GridDDIM, ConsistencySampler)
 }
 
 
@@ -43,7 +45,8 @@ def make_solver(solver: Solver | str, **kwargs) -> Solver:
 
 
 __all__ = [
-    "AffineStep", "DDIM", "DDPM", "DPMSolverPP", "Euler", "EulerMaruyama", "Heun", "SOLVERS", "SPACINGS",
+    "AffineStep", "ConsistencySampler", "DDIM", "DDPM", "DPMSolverPP", "Euler", "EulerMaruyama", "GridDDIM", "Heun",
+    "SOLVERS", "SPACINGS",
     "SamplingPlan", "Solver", "StepDistribution", "Trajectory", "gaussian_log_prob", "make_solver", "make_timesteps",
     "solver_variants",
 ]
