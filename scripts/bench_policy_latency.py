@@ -5,6 +5,10 @@ controller path (numpy in, checks, normalisation, sampler, denormalisation, nump
 bare forwards of its denoiser on prepared tensors. Prints median and p99 of both and their ratio (target <= 1.5).
 
     OMP_NUM_THREADS=1 python scripts/bench_policy_latency.py --solver ddpm --steps 5
+    OMP_NUM_THREADS=1 python scripts/bench_policy_latency.py --policies runs/bc/policy.pt runs/bc-progressive1/policy.pt
+
+With ``--policies`` the saved policies (e.g. a teacher and its distilled students) are timed side by side instead:
+median and p99 of ``act`` on one observation, with each policy's sampler and network calls.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 import torch
 
 from agents.diffusion_actor import DiffusionActor
-from agents.policy import Policy
+from agents.policy import Policy, load_policy
 
 
 def timings(fn: Callable[[], object], repeats: int, warmup: int) -> np.ndarray:
@@ -31,6 +35,22 @@ def timings(fn: Callable[[], object], repeats: int, warmup: int) -> np.ndarray:
     return out * 1e6
 
 
+def compare(paths: list[str], repeats: int, warmup: int) -> None:
+    """``act`` latency of saved policies, measured in interleaved rounds."""
+    policies = [load_policy(path, seed=0) for path in paths]
+    obs = [np.zeros(p.obs_dim, dtype=np.float32) for p in policies]
+    rounds = 5
+    times: list[list[np.ndarray]] = [[] for _ in policies]
+    for _ in range(rounds):
+        for i, policy in enumerate(policies):
+            times[i].append(timings(lambda p=policy, o=obs[i]: p.act(o), repeats // rounds, warmup))
+    print(f"{'policy':50s} {'sampler':12s} {'calls':>5s} {'median us':>10s} {'p99 us':>8s}")
+    for path, policy, parts in zip(paths, policies, times, strict=True):
+        v = np.concatenate(parts)
+        solver = type(policy.actor.solver).__name__
+        print(f"{path[-50:]:50s} {solver:12s} {policy.actor.steps:5d} {np.median(v):10.1f} {np.percentile(v, 99):8.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--obs-dim", type=int, default=11)
@@ -39,9 +59,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5000)
     parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--policies", nargs="+", help="policy files to compare (teacher and distilled students)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if args.policies:
+        compare(args.policies, args.repeats, args.warmup)
+        return
 
     actor = DiffusionActor(args.obs_dim, args.act_dim, net_kwargs={"hidden": 256, "depth": 3}, solver=args.solver,
                            steps=args.steps)
