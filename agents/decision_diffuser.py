@@ -1,8 +1,9 @@
 """Decision Diffuser (Ajay et al. 2023, "Is Conditional Generative Modeling all you need for Decision-Making?").
 
 A temporal U-Net models windows of normalised states only, conditioned on the return-to-go of the window's first
-step (divided by ``returns_scale``) through classifier-free guidance (the condition is dropped with probability ``cond_drop_prob`` in training; planning mixes
-conditional and unconditional predictions with weight ``guidance_weight``). The current state is held by
+step (divided by ``returns_scale``) through classifier-free guidance (the condition is dropped with probability
+``cond_drop_prob`` in training; planning mixes conditional and unconditional predictions with weight
+``guidance_weight``). The current state is held by
 inpainting, and an inverse-dynamics MLP ``a_t = f(s_t, s_{t+1})`` turns the planned states into actions.
 """
 
