@@ -1,9 +1,10 @@
 """Rewards over image batches: the "environment" of the denoising MDP used by DDPO.
 
-Every reward is called as ``reward(images, classes=None) -> torch.Tensor (B,)`` (float32, on the images' device).
-``images`` is a float tensor (B, C, H, W) with C = 1 or 3; by default pixel values are in [0, 1]. Pass
-``value_range=(-1, 1)`` to the constructors/functions for images in [-1, 1] (the usual diffusion-model range);
-values are clamped to the range.
+Every reward is called as ``reward(images, prompts=None, metadata=None) -> torch.Tensor (B,)`` (float32, on the
+images' device), as ddpo-pytorch's reward functions; ``prompts`` are class ids for the package's image model.
+``images`` is a float tensor (B, C, H, W) with C = 1 or 3; by default pixel values are in [0, 1] (VAE-decoded
+pipeline images). Pass ``value_range=(-1, 1)`` for images in [-1, 1] (the usual diffusion-model range). Images of
+another layout or with values outside the range are refused with a one-line ``ValueError``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,17 @@ RewardFn = Callable[..., torch.Tensor]
 
 
 def to_unit_range(images: torch.Tensor, value_range: ValueRange = (0.0, 1.0)) -> torch.Tensor:
-    """Map images from ``value_range`` to [0, 1] (clamped); checks the (B, C, H, W) layout."""
+    """Map images from ``value_range`` to [0, 1]; checks the (B, C, H, W) layout, the dtype and the values."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must have shape (B, C, H, W) with C in (1, 3), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a float tensor with values in {value_range}, got {images.dtype}")
     lo, hi = value_range
+    low, high = images.min().item(), images.max().item()
+    slack = 1e-3 * (hi - lo)
+    if not (low >= lo - slack and high <= hi + slack):  # also refuses NaN
+        raise ValueError(f"image values must lie in [{lo:g}, {hi:g}] (value_range), got values in [{low:.4g}, "
+                         f"{high:.4g}]")
     return ((images.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
@@ -43,19 +51,19 @@ def jpeg_size_kb(images: torch.Tensor, quality: int = 95, value_range: ValueRang
     return torch.tensor(sizes, dtype=torch.float32, device=images.device)
 
 
-def jpeg_compressibility(images: torch.Tensor, classes: torch.Tensor | None = None, quality: int = 95,
+def jpeg_compressibility(images: torch.Tensor, prompts=None, metadata=None, *, quality: int = 95,
                          value_range: ValueRange = (0.0, 1.0)) -> torch.Tensor:
     """Negative JPEG size in kB: higher for images that compress well."""
     return -jpeg_size_kb(images, quality, value_range)
 
 
-def jpeg_incompressibility(images: torch.Tensor, classes: torch.Tensor | None = None, quality: int = 95,
+def jpeg_incompressibility(images: torch.Tensor, prompts=None, metadata=None, *, quality: int = 95,
                            value_range: ValueRange = (0.0, 1.0)) -> torch.Tensor:
     """JPEG size in kB: higher for detailed, hard-to-compress images."""
     return jpeg_size_kb(images, quality, value_range)
 
 
-def brightness(images: torch.Tensor, classes: torch.Tensor | None = None,
+def brightness(images: torch.Tensor, prompts=None, metadata=None, *,
                value_range: ValueRange = (0.0, 1.0)) -> torch.Tensor:
     """Mean pixel value in [0, 1]."""
     return to_unit_range(images, value_range).mean(dim=(1, 2, 3))
@@ -76,7 +84,7 @@ class ClassifierReward:
         self.value_range, self.classifier_range = value_range, classifier_range or value_range
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, classes: torch.Tensor | None = None, metadata=None) -> torch.Tensor:
         unit = to_unit_range(images, self.value_range)
         lo, hi = self.classifier_range
         logits = self.classifier(unit * (hi - lo) + lo)
@@ -90,10 +98,11 @@ class ClassifierReward:
 
 
 def reward_from_fn(fn: Callable[..., object]) -> RewardFn:
-    """Adapt ``fn(images, classes) -> rewards`` (list, array or tensor of B numbers) to the reward protocol."""
+    """Adapt any ``fn(images, prompts, metadata) -> rewards`` (list, array or tensor of B numbers) to the reward
+    protocol."""
 
-    def reward(images: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
-        out = fn(images, classes)
+    def reward(images: torch.Tensor, prompts=None, metadata=None) -> torch.Tensor:
+        out = fn(images, prompts, metadata)
         values = torch.as_tensor(np.asarray(out.detach().cpu() if isinstance(out, torch.Tensor) else out),
                                   dtype=torch.float32).reshape(-1)
         if len(values) != len(images):

@@ -48,7 +48,20 @@ def test_classifier_reward_log_prob_and_prob():
 
 def test_reward_from_fn_adapts_and_checks_length():
     imgs = torch.rand(3, 3, 8, 8)
-    fn = reward_from_fn(lambda images, classes: [float(i) for i in range(len(images))])
+    fn = reward_from_fn(lambda images, prompts, metadata: [float(i) for i in range(len(images))])
     assert fn(imgs).tolist() == [0.0, 1.0, 2.0] and fn(imgs).dtype == torch.float32
     with pytest.raises(ValueError, match="returned 2 values for 3 images"):
-        reward_from_fn(lambda images, classes: [1, 2])(imgs)
+        reward_from_fn(lambda images, prompts, metadata: [1, 2])(imgs)
+
+
+def test_rewards_take_prompts_and_metadata_and_refuse_bad_images():
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(jpeg_compressibility(images, ["a cat", "a dog"], [{}, {}]), jpeg_compressibility(images))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\] \(value_range\), got values in \[-0.99"):
+        jpeg_compressibility(images * 2 - 1)
+    with pytest.raises(ValueError, match="must lie in"):
+        brightness(torch.full((1, 3, 4, 4), float("nan")))
+    with pytest.raises(ValueError, match=r"C in \(1, 3\), got \(2, 4, 16, 16\)"):
+        jpeg_incompressibility(torch.rand(2, 4, 16, 16))
+    with pytest.raises(ValueError, match="float tensor"):
+        brightness(torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
