@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -81,8 +82,9 @@ def check_ddpo(device: torch.device, precision: str, epochs: int, batch_size: in
 
     torch.manual_seed(0)
     model_config = ImageModelConfig()
+    reward = functools.partial(jpeg_compressibility, value_range=(-1.0, 1.0))  # the model's images are in [-1, 1]
     agent = DDPO(DDPOConfig(sample_steps=sample_steps, minibatch_size=batch_size), model_config.build(),
-                 jpeg_compressibility, model_config.image_shape, model_config.num_classes).to(device)
+                 reward, model_config.image_shape, model_config.num_classes).to(device)
     train = TrainConfig(steps=epochs, batch_size=batch_size, log_every=epochs, progress=False, device=str(device),
                         precision=precision)
     if device.type == "cuda":
