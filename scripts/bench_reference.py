@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_dql_runner as dql_runner  # noqa: E402
 import reference_qgpo_runner as qgpo_runner  # noqa: E402
 from reference_dql_runner import task_name  # noqa: E402
-from run_log import read_runs, run_logged  # noqa: E402
+from run_log import file_digest, read_runs, run_logged  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPLEMENTATIONS = ("official", "diffrl")
@@ -217,15 +217,20 @@ def run_job(job: tuple[str, str, int], args: argparse.Namespace) -> dict:
     data = (reduced_dataset(Path(dataset), reduced["data_fraction"], reduced["data_seed"], args.data_dir) if reduced
             else Path(dataset))
     run = (run_official if implementation == "official" else run_diffrl)(data, seed, args)
+    return {**job_fields(implementation, Path(dataset), seed, args), "dataset_path": str(dataset),
+            **({"reduction": reduced} if reduced else {}), "final": run["curve"][-1].get("normalized"), **run}
+
+
+def job_fields(implementation: str, dataset: Path, seed: int, args: argparse.Namespace) -> dict:
+    """What identifies a run besides its reduction; the file's digest keeps runs on a remade file apart."""
     return {"implementation": implementation, "agent": args.agent, "dataset": task_name(dataset),
-            "dataset_path": str(dataset), "seed": seed, "steps": args.steps, "eval_every": args.eval_every,
-            "eval_episodes": args.eval_episodes, **({"reduction": reduced} if reduced else {}),
-            "final": run["curve"][-1].get("normalized"), **run}
+            "dataset_sha256": file_digest(dataset), "seed": seed, "steps": args.steps, "eval_every": args.eval_every,
+            "eval_episodes": args.eval_episodes}
 
 
 def run_key(run: dict) -> tuple:
-    return (run["implementation"], run["agent"], run["dataset"], run["seed"], run["steps"], run["eval_every"],
-            run["eval_episodes"], json.dumps(run.get("reduction"), sort_keys=True))
+    return (run["implementation"], run["agent"], run["dataset"], run.get("dataset_sha256"), run["seed"],
+            run["steps"], run["eval_every"], run["eval_episodes"], json.dumps(run.get("reduction"), sort_keys=True))
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -234,11 +239,12 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return float(x.mean()), (float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0)
 
 
-def group(runs: list[dict]) -> dict[tuple[str, str, int], dict[str, list[dict]]]:
-    """(agent, dataset, budget) -> implementation -> runs sorted by seed."""
-    out: dict[tuple[str, str, int], dict[str, list[dict]]] = {}
+def group(runs: list[dict]) -> dict[tuple[str, str, str, int], dict[str, list[dict]]]:
+    """(agent, dataset, file digest, budget) -> implementation -> runs sorted by seed."""
+    out: dict[tuple[str, str, str, int], dict[str, list[dict]]] = {}
     for r in sorted(runs, key=lambda r: r["seed"]):
-        out.setdefault((r["agent"], r["dataset"], r["steps"]), {}).setdefault(r["implementation"], []).append(r)
+        key = (r["agent"], r["dataset"], r.get("dataset_sha256", "unrecorded"), r["steps"])
+        out.setdefault(key, {}).setdefault(r["implementation"], []).append(r)
     return out
 
 
@@ -258,9 +264,9 @@ def report(runs: list[dict], out: Path) -> str:
     head = f"{'dataset':<28}{'budget':>8}  {'implementation':<22}{'seeds':>6}{'final':>16}{'last 3 evals':>16}" \
            f"{'steps / s':>11}"
     lines += [head, "-" * len(head)]
-    for (agent, dataset, steps), by_impl in sorted(group(runs).items()):
+    for (agent, dataset, digest, steps), by_impl in sorted(group(runs).items()):
         settings = {describe_reduction(r.get("reduction")) for rs in by_impl.values() for r in rs}
-        lines.append(f"{NAMES[agent]}, {'; '.join(sorted(settings))}:")
+        lines.append(f"{NAMES[agent]}, {'; '.join(sorted(settings))}, file sha256 {digest}:")
         for impl in sorted(by_impl, key=lambda i: IMPLEMENTATIONS.index(i) if i in IMPLEMENTATIONS else 99):
             rs = by_impl[impl]
             final = mean_se([r["curve"][-1]["normalized"] for r in rs])
@@ -284,7 +290,7 @@ def plot_curves(runs: list[dict], path: Path) -> None:
 
     groups = group(runs)
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
-    for ax, ((agent, dataset, steps), by_impl) in zip(axes[0], sorted(groups.items()), strict=True):
+    for ax, ((agent, dataset, _, steps), by_impl) in zip(axes[0], sorted(groups.items()), strict=True):
         for impl, rs in sorted(by_impl.items()):
             n = min(len(r["curve"]) for r in rs)
             x = np.array([p["step"] for p in rs[0]["curve"][:n]])
@@ -364,9 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     for path in datasets:
         for seed in args.seeds:
             for impl in args.implementations:
-                key = (impl, args.agent, task_name(path), seed, args.steps, args.eval_every, args.eval_episodes,
-                       json.dumps(reduction(args), sort_keys=True))
-                if key in done:
+                if run_key({**job_fields(impl, path, seed, args), "reduction": reduction(args)}) in done:
                     print(f"already logged: {impl} {task_name(path)} seed {seed} ({args.steps} steps)")
                 else:
                     jobs.append((impl, str(path), seed))

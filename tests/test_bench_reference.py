@@ -123,6 +123,7 @@ def test_both_implementations_logged_resumed_and_reported(bench, fake_official, 
         assert [p["step"] for p in r["curve"]] == [10, 20] and r["steps_per_sec"] > 0
         assert all(isinstance(p["normalized"], float) for p in r["curve"])
         assert r["transitions"] == runs["diffrl"]["transitions"]  # the same transitions on both sides
+        assert r["dataset_sha256"] == bench.file_digest(DATASET)
     assert runs["official"]["stubbed_imports"] == ["d4rl"]  # the fake imports d4rl; it got the stub
     assert runs["official"]["settings"]["gn"] == runs["diffrl"]["settings"]["max_grad_norm"] == 4.0
     assert "hopper-medium-replay" in runs["diffrl"]["preset"]
@@ -140,6 +141,21 @@ def test_both_implementations_logged_resumed_and_reported(bench, fake_official, 
     official_row = next(line for line in text.splitlines() if line.split()[2:3] == ["official"])
     assert official_row.split()[3] == "0,1"
     assert (out / "curves.png").stat().st_size > 0
+
+
+def test_runs_on_a_remade_file_are_not_taken_as_logged(bench, tmp_path):
+    """A dataset remade under the same name (a new digest) gets new runs; runs logged before digests count as other."""
+    old, new = tmp_path / "old" / "hopper-medium-replay.hdf5", tmp_path / "new" / "hopper-medium-replay.hdf5"
+    for path, text in ((old, "first version"), (new, "remade")):
+        path.parent.mkdir()
+        path.write_text(text)
+    args = bench.argparse.Namespace(agent="diffusion_ql", steps=20, eval_every=10, eval_episodes=1)
+    logged = {**bench.job_fields("official", old, 0, args), "curve": []}
+    assert bench.run_key(logged) == bench.run_key(bench.job_fields("official", old, 0, args))
+    assert bench.run_key(logged) != bench.run_key(bench.job_fields("official", new, 0, args))
+    before_digests = {k: v for k, v in logged.items() if k != "dataset_sha256"}
+    assert bench.run_key(before_digests) != bench.run_key(bench.job_fields("official", old, 0, args))
+    assert len(bench.group([logged, {**bench.job_fields("official", new, 0, args), "curve": []}])) == 2
 
 
 def test_clear_errors(bench, tmp_path):
