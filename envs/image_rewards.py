@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -111,3 +112,134 @@ def reward_from_fn(fn: Callable[..., object]) -> RewardFn:
         return values.to(images.device)
 
     return reward
+
+
+#: Per-channel mean and std of the images CLIP was trained on (OpenAI CLIP's preprocessing).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: The "improved-aesthetic-predictor" head (LAION): five linear layers with dropout between the first four and
+#: no activation; the indices are those of its ``layers`` Sequential (dropout at 1, 3, 5).
+AESTHETIC_LINEARS = ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
+AESTHETIC_WIDTHS = (768, 1024, 128, 64, 16, 1)
+
+
+def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
+    """CLIP's input from images in [0, 1]: shorter side resized to ``size`` (bicubic, antialiased), centre crop
+    ``size`` x ``size``, per-channel normalisation; grey images are repeated over three channels."""
+    images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+    h, w = images.shape[2:]
+    if min(h, w) != size:
+        scale = size / min(h, w)
+        shape = (max(size, round(h * scale)), max(size, round(w * scale)))
+        images = torch.nn.functional.interpolate(images, size=shape, mode="bicubic", antialias=True,
+                                                 align_corners=False)
+    top, left = (images.shape[2] - size) // 2, (images.shape[3] - size) // 2
+    images = images[:, :, top:top + size, left:left + size]
+    mean, std = (torch.tensor(v, dtype=images.dtype, device=images.device).reshape(1, 3, 1, 1)
+                 for v in (CLIP_MEAN, CLIP_STD))
+    return (images - mean) / std
+
+
+def load_aesthetic_head(path: str | Path) -> torch.nn.Sequential:
+    """The aesthetic MLP from a state dict (``.safetensors``, or a torch file read with ``weights_only=True``: no
+    code from the file runs) in the improved-aesthetic-predictor layout; the input width is taken from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"aesthetic head file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged file or one that would run code: named, never a traceback
+        raise ValueError(f"aesthetic head file {path} cannot be read as a state dict: "
+                         f"{' '.join(str(err).split())[:200]}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    names = [f"{layer}.{p}" for layer in AESTHETIC_LINEARS for p in ("weight", "bias")]
+    if not isinstance(state, dict) or any(not isinstance(state.get(n), torch.Tensor) for n in names):
+        raise ValueError(f"aesthetic head file {path} is not an improved-aesthetic-predictor state dict (needs "
+                         f"{', '.join(names[::2])} weights and biases)")
+    widths = (state["layers.0.weight"].shape[1], *AESTHETIC_WIDTHS[1:])
+    layers: list[torch.nn.Module] = []
+    for n, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(torch.nn.Linear(fan_in, fan_out))
+        if n < 3:
+            layers.append(torch.nn.Dropout(0.2 if n < 2 else 0.1))
+    head = torch.nn.Sequential(*layers)
+    try:
+        head.load_state_dict({n.removeprefix("layers."): state[n] for n in names})
+    except RuntimeError as err:
+        raise ValueError(f"aesthetic head file {path} has the wrong layer sizes for widths {widths}: "
+                         f"{' '.join(str(err).split())[:200]}") from None
+    return head.eval().requires_grad_(False)
+
+
+class AestheticReward:
+    """A LAION-style aesthetic score: the MLP head of the improved-aesthetic-predictor on the L2-normalised CLIP
+    image embedding, as ddpo-pytorch's aesthetic reward (CLIP ViT-L/14, 768-dimensional embeddings).
+
+    ``clip_path`` is a local folder holding a CLIP model saved by transformers (``CLIPModel`` or
+    ``CLIPVisionModelWithProjection``); ``head_path`` the head's state dict. No weights ship with diffrl.
+    Called as every reward, on images in ``value_range``; the scores are float32 on the images' device.
+    """
+
+    def __init__(self, clip_path: str | Path, head_path: str | Path, device: str | torch.device = "cpu",
+                 value_range: ValueRange = (0.0, 1.0)) -> None:
+        from transformers import CLIPVisionModelWithProjection
+
+        clip_path = Path(clip_path)
+        if not (clip_path / "config.json").is_file():
+            raise ValueError(f"aesthetic CLIP model folder {clip_path} has no config.json (a CLIP model saved "
+                             "with save_pretrained is needed)")
+        try:
+            self.clip = CLIPVisionModelWithProjection.from_pretrained(str(clip_path))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"aesthetic CLIP model folder {clip_path} does not load as a CLIP vision model: "
+                             f"{' '.join(str(err).split())[:200]}") from None
+        self.head = load_aesthetic_head(head_path)
+        width = self.head[0].in_features
+        if width != self.clip.config.projection_dim:
+            raise ValueError(f"aesthetic head {head_path} takes {width}-dimensional embeddings but the CLIP model "
+                             f"in {clip_path} makes {self.clip.config.projection_dim}-dimensional ones")
+        self.value_range = value_range
+        self.to(device)
+
+    def to(self, device: str | torch.device) -> AestheticReward:
+        self.clip = self.clip.to(device).eval().requires_grad_(False)
+        self.head = self.head.to(device)
+        return self
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised CLIP image embeddings (B, D) of images in ``value_range``."""
+        unit = to_unit_range(images, self.value_range)
+        param = next(self.clip.parameters())
+        pixels = clip_preprocess(unit.to(device=param.device, dtype=param.dtype), self.clip.config.image_size)
+        embeds = self.clip(pixel_values=pixels).image_embeds.float()
+        return embeds / embeds.norm(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts=None, metadata=None) -> torch.Tensor:
+        return self.head(self.embed(images))[:, 0].to(images.device)
+
+
+#: Rewards known by name (``diffrl train ddpo --reward NAME``).
+REWARD_NAMES = ("jpeg_compressibility", "jpeg_incompressibility", "aesthetic")
+
+
+def reward_by_name(name: str, clip_path: str | Path | None = None, head_path: str | Path | None = None,
+                   device: str | torch.device = "cpu") -> RewardFn:
+    """The reward called ``name`` (one of :data:`REWARD_NAMES`) on images in [0, 1]; ``aesthetic`` needs the
+    local ``clip_path`` and ``head_path`` of :class:`AestheticReward`."""
+    if name == "jpeg_compressibility":
+        return jpeg_compressibility
+    if name == "jpeg_incompressibility":
+        return jpeg_incompressibility
+    if name == "aesthetic":
+        if clip_path is None or head_path is None:
+            raise ValueError("the aesthetic reward needs a local CLIP model folder and head file (--clip-model, "
+                             "--aesthetic-head)")
+        return AestheticReward(clip_path, head_path, device)
+    raise ValueError(f"unknown reward {name!r}: one of {', '.join(REWARD_NAMES)}")
