@@ -23,14 +23,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_dql_runner import (  # noqa: E402
+from reference_dql_runner import (
     check_checkout,
     import_official,
-    load_transitions,
     official_row,
     read_official_settings,
     task_name,
 )
+from reference_runs import load_transitions
 
 ROOT = Path(__file__).resolve().parent.parent
 

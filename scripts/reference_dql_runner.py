@@ -24,11 +24,9 @@ beta_schedule, batch_size); ``--lr_decay`` is off as in the argparse default.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import importlib.abc
 import importlib.machinery
-import json
 import re
 import sys
 import time
@@ -36,7 +34,15 @@ import types
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from reference_runs import (
+    Evaluation,
+    eval_period,
+    load_data,
+    load_evaluation,
+    print_record,
+    runner_parser,
+)
+
 REPOSITORY = "Zhendong-Wang/Diffusion-Policies-for-Offline-RL"
 #: Files the adapter reads or imports from the checkout.
 REQUIRED_FILES = ("main.py", "agents/ql_diffusion.py", "agents/diffusion.py", "agents/model.py",
@@ -138,23 +144,6 @@ def import_official(checkout: Path) -> tuple[type, type, list[str]]:
     return Diffusion_QL, Data_Sampler, sorted(set(finder.imported))
 
 
-def load_transitions(path: str | Path) -> tuple[dict, dict]:
-    """(transitions as float32 arrays in the layout of d4rl.qlearning_dataset, file attributes)."""
-    import h5py
-    import numpy as np
-
-    with h5py.File(path, "r") as f:
-        data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals") if k in f}
-        if "next_observations" in f:
-            data["next_observations"] = f["next_observations"][()]
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-    if "next_observations" not in data:  # D4RL files without it: the next row, last row dropped
-        data = {k: v[:-1] for k, v in data.items()} | {"next_observations": data["observations"][1:]}
-    out = {k: np.asarray(v, dtype=np.float32) for k, v in data.items()}
-    out["rewards"], out["terminals"] = out["rewards"].reshape(-1), out["terminals"].reshape(-1)
-    return out, attrs
-
-
 class OfficialPolicy:
     """``act(obs (n, obs_dim)) -> (n, act_dim)``: the official ``sample_action`` on each row."""
 
@@ -170,39 +159,20 @@ class OfficialPolicy:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--official", required=True, help=f"checkout of {REPOSITORY}")
-    parser.add_argument("--dataset", required=True, help="D4RL-layout HDF5 file (attribute env_id names the env)")
-    parser.add_argument("--steps", type=int, default=10_000, help="gradient steps (official train() iterations)")
-    parser.add_argument("--eval-every", type=int, default=0, help="default: only at the end")
-    parser.add_argument("--eval-episodes", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-seed", type=int, default=None, help="first episode seed (default: seed + 10000, "
-                                                                    "as diffrl's training script)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
+    args = runner_parser(__doc__, REPOSITORY, "gradient steps (official train() iterations)").parse_args(argv)
     checkout = check_checkout(args.official)
-    every = args.eval_every or args.steps
-    if args.steps < 1 or every < 1 or args.steps % every:
-        raise SystemExit(f"--steps ({args.steps}) must be a positive multiple of --eval-every ({every})")
+    every = eval_period(args)
+    evaluate = load_evaluation(args.threads)
 
+    import gymnasium as gym
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    import gymnasium as gym
-
-    from envs.evaluation import evaluate  # before the checkout's top-level `agents` / `utils` enter sys.path
-
-    torch.set_num_threads(args.threads)
     table, defaults = read_official_settings(checkout)
     official_task, row = official_row(table, task_name(args.dataset))
     Diffusion_QL, Data_Sampler, stubbed = import_official(checkout)
 
-    data, attrs = load_transitions(args.dataset)
-    if "env_id" not in attrs:
-        raise SystemExit(f"{args.dataset} has no env_id attribute naming its Gymnasium env")
+    data, attrs = load_data(args.dataset)
     env = gym.make(attrs["env_id"])
     max_action = float(env.action_space.high[0])
     env.close()
@@ -216,26 +186,16 @@ def main(argv: list[str] | None = None) -> None:
                          discount=defaults["discount"], tau=defaults["tau"], max_q_backup=row["max_q_backup"],
                          beta_schedule=defaults["beta_schedule"], n_timesteps=defaults["T"], eta=row["eta"],
                          lr=row["lr"], lr_decay=False, lr_maxt=row["num_epochs"], grad_norm=row["gn"])
-    ref = ((float(attrs["ref_min_score"]), float(attrs["ref_max_score"]))
-           if "ref_min_score" in attrs and "ref_max_score" in attrs else None)
-    eval_seed = args.seed + 10_000 if args.eval_seed is None else args.eval_seed
-    policy = OfficialPolicy(agent)
-    curve, train_seconds, done = [], 0.0, 0
+    evaluation, policy = Evaluation(evaluate, attrs, args), OfficialPolicy(agent)
+    train_seconds, done = 0.0, 0
     while done < args.steps:
         start = time.perf_counter()
         agent.train(sampler, iterations=every, batch_size=defaults["batch_size"], log_writer=None)
         train_seconds += time.perf_counter() - start
         done += every
-        result = evaluate(policy, attrs["env_id"], episodes=args.eval_episodes, seed=eval_seed, ref_scores=ref)
-        point = {"step": done, "return": result.mean}
-        if result.normalized_mean is not None:
-            point["normalized"] = result.normalized_mean
-        curve.append(point)
-        print(f"official step {done}: return {result.mean:.1f}", file=sys.stderr, flush=True)
-    print(json.dumps({"implementation": "official", "repository": REPOSITORY, "checkout": str(checkout),
-                      "steps": done, "train_seconds": train_seconds, "steps_per_sec": done / max(train_seconds, 1e-9),
-                      "evaluations": curve, "settings": settings, "transitions": int(len(data["observations"])),
-                      "stubbed_imports": stubbed}))
+        evaluation(policy, done)
+    print_record(REPOSITORY, checkout, done, train_seconds, evaluation, settings, len(data["observations"]),
+                 stubbed)
 
 
 if __name__ == "__main__":

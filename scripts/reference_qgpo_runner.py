@@ -17,7 +17,7 @@ two loops are driven here with the official pieces, call for call:
 3. critic phase: ``QGPO_Critic.update_q0`` during the first ``q_epochs / critic_epochs`` of the phase, then
    ``update_qt`` (CEP) at every step.
 
-Substitutions: the transitions come from the HDF5 file read with h5py (``reference_dql_runner.load_transitions``:
+Substitutions: the transitions come from the HDF5 file read with h5py (``reference_runs.load_transitions``:
 every row, with the file's ``next_observations``) and reach the official ``D4RL_dataset`` through a replacement of
 the ``d4rl.qlearning_dataset`` / ``gym.make`` names in its module (``d4rl`` and ``gym`` are answered by inert stubs
 at import, recorded as ``stubbed_imports``); the official ``diffusion_SDE.schedule.marginal_prob_std`` defaults to
@@ -40,10 +40,8 @@ reduced setting it runs both implementations at (scripts/bench_reference.py).
 
 from __future__ import annotations
 
-import argparse
 import ast
 import functools
-import json
 import re
 import sys
 import time
@@ -52,9 +50,16 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_dql_runner import _StubFinder, load_transitions, task_name  # noqa: E402
+from reference_dql_runner import _StubFinder, task_name
+from reference_runs import (
+    Evaluation,
+    eval_period,
+    load_data,
+    load_evaluation,
+    print_record,
+    runner_parser,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 REPOSITORY = "ChenDRAG/CEP-energy-guided-diffusion"
 CODE_DIR = "Offline_RL_2D"
 #: Files the adapter reads or imports, relative to ``CODE_DIR``.
@@ -232,45 +237,27 @@ class OfficialPolicy:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--official", required=True, help=f"checkout of {REPOSITORY} (the repository root)")
-    parser.add_argument("--dataset", required=True, help="D4RL-layout HDF5 file (attribute env_id names the env)")
-    parser.add_argument("--steps", type=int, default=10_000, help="gradient steps of both phases together")
-    parser.add_argument("--eval-every", type=int, default=0, help="default: only at the end")
-    parser.add_argument("--eval-episodes", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-seed", type=int, default=None, help="first episode seed (default: seed + 10000, "
-                                                                    "as diffrl's training script)")
+    parser = runner_parser(__doc__, REPOSITORY, "gradient steps of both phases together")
     parser.add_argument("--behavior-batch", type=int, default=None, help="default: the official 4096")
     parser.add_argument("--critic-batch", type=int, default=None, help="default: the official 256")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="evaluation guidance scale (official "
                                                                          "default after its sweep: 1.0)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     checkout = check_checkout(args.official)
-    every = args.eval_every or args.steps
-    if args.steps < 1 or every < 1 or args.steps % every:
-        raise SystemExit(f"--steps ({args.steps}) must be a positive multiple of --eval-every ({every})")
+    every = eval_period(args)
+    evaluate = load_evaluation(args.threads)
 
+    import gymnasium as gym
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    import gymnasium as gym
-
-    from envs.evaluation import evaluate  # before the checkout's top-level `dataset` / `utils` enter sys.path
-
-    torch.set_num_threads(args.threads)
     official = read_official_settings(checkout)
     behavior_steps, q_steps = phase_split(official, args.steps)
     behavior_batch = args.behavior_batch or official["behavior_batch"]
     critic_batch = args.critic_batch or official["critic_batch"]
     modules, stubbed = import_official(checkout, args.device)
 
-    data, attrs = load_transitions(args.dataset)
-    if "env_id" not in attrs:
-        raise SystemExit(f"{args.dataset} has no env_id attribute naming its Gymnasium env")
+    data, attrs = load_data(args.dataset)
     env = gym.make(attrs["env_id"])
     state_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     env.close()
@@ -290,11 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     critic = score_model.q[0]
     optimizer = torch.optim.Adam(score_model.parameters(), lr=official["behavior_lr"])
     behavior_data, critic_data = batches(dataset, behavior_batch), None
-    ref = ((float(attrs["ref_min_score"]), float(attrs["ref_max_score"]))
-           if "ref_min_score" in attrs and "ref_max_score" in attrs else None)
-    eval_seed = args.seed + 10_000 if args.eval_seed is None else args.eval_seed
-    policy = OfficialPolicy(score_model, official["diffusion_steps"])
-    curve, train_seconds, support_seconds, done = [], 0.0, 0.0, 0
+    evaluation, policy = Evaluation(evaluate, attrs, args), OfficialPolicy(score_model, official["diffusion_steps"])
+    train_seconds, support_seconds, done = 0.0, 0.0, 0
     while done < args.steps:
         start = time.perf_counter()
         with warnings.catch_warnings():
@@ -325,18 +309,11 @@ def main(argv: list[str] | None = None) -> None:
         train_seconds += time.perf_counter() - start
         done += every
         critic.guidance_scale = args.guidance_scale
-        result = evaluate(policy, attrs["env_id"], episodes=args.eval_episodes, seed=eval_seed, ref_scores=ref)
-        point = {"step": done, "return": result.mean}
-        if result.normalized_mean is not None:
-            point["normalized"] = result.normalized_mean
-        curve.append(point)
-        print(f"official step {done}: return {result.mean:.1f}", file=sys.stderr, flush=True)
+        evaluation(policy, done)
     settings = {**official, "M": m, "behavior_batch": behavior_batch, "critic_batch": critic_batch,
                 "guidance_scale": args.guidance_scale, "phase_steps": [behavior_steps, q_steps]}
-    print(json.dumps({"implementation": "official", "repository": REPOSITORY, "checkout": str(checkout),
-                      "steps": done, "train_seconds": train_seconds, "steps_per_sec": done / max(train_seconds, 1e-9),
-                      "support_seconds": support_seconds, "evaluations": curve, "settings": settings,
-                      "transitions": int(len(data["observations"])), "stubbed_imports": stubbed}))
+    print_record(REPOSITORY, checkout, done, train_seconds, evaluation, settings, len(data["observations"]),
+                 stubbed, support_seconds=support_seconds)
 
 
 if __name__ == "__main__":
