@@ -139,12 +139,31 @@ def cmd_eval(args) -> None:
 
 
 def cmd_collect(args) -> None:
-    from envs import collect
+    from envs import collect, maze
 
-    paths = collect(args.env, level=args.level.split(","), n_transitions=args.transitions,
-                    train_steps=args.train_steps, seed=args.seed, out_dir=args.out,
-                    formats=tuple(args.formats.split(",")), progress=True)
-    print(json.dumps(paths, indent=2, default=str))
+    env = args.env or args.env_flag
+    if env is None or (args.env and args.env_flag and args.env != args.env_flag):
+        raise SystemExit("error: diffrl collect needs one environment: ENV or --env ENV")
+    if maze.is_maze(env):
+        given = [flag for flag, value in (("--level", args.level), ("--train-steps", args.train_steps))
+                 if value is not None]
+        if given:
+            raise SystemExit(f"error: {' and '.join(given)} do not apply to {env} (its behaviour is the waypoint "
+                             "controller; --noise sets its action noise)")
+        try:
+            written = maze.collect_maze(env, n_transitions=args.transitions, seed=args.seed,
+                                        noise=maze.ACTION_NOISE if args.noise is None else args.noise,
+                                        out_dir=args.out, formats=tuple(args.formats.split(",")), progress=True)
+        except ImportError as err:
+            raise SystemExit(f"error: {err}") from None
+    else:
+        if args.noise is not None:
+            raise SystemExit(f"error: --noise applies to maze2d-* datasets only, not {env}")
+        train_steps = 150_000 if args.train_steps is None else args.train_steps
+        written = collect(env, level=(args.level or "medium").split(","), n_transitions=args.transitions,
+                          train_steps=train_steps, seed=args.seed, out_dir=args.out,
+                          formats=tuple(args.formats.split(",")), progress=True)
+    print(json.dumps(written, indent=2, default=str))
 
 
 def cmd_bench(args) -> None:
@@ -254,13 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_flag(ev)
     ev.set_defaults(func=cmd_eval)
 
-    col = sub.add_parser("collect", help="collect a D4RL-style dataset with an SB3 SAC behaviour policy")
-    col.add_argument("env")
-    col.add_argument("--level", default="medium",
-                     help="random, medium, medium-replay, expert or medium-expert; several comma-separated "
-                          "share one SAC training run")
+    col = sub.add_parser("collect", help="collect a D4RL-style dataset: an SB3 SAC behaviour policy on a Gymnasium "
+                                         "env, or D4RL's waypoint controller on maze2d-umaze|medium|large")
+    col.add_argument("env", nargs="?", help="Gymnasium env id (SAC levels) or maze2d-umaze|maze2d-medium|maze2d-large")
+    col.add_argument("--env", dest="env_flag", metavar="ENV", help="the same as ENV")
+    col.add_argument("--level", default=None,
+                     help="random, medium (default), medium-replay, expert or medium-expert; several "
+                          "comma-separated share one SAC training run")
     col.add_argument("--transitions", type=int, default=100_000)
-    col.add_argument("--train-steps", type=int, default=150_000)
+    col.add_argument("--train-steps", type=int, default=None, help="SAC training steps (default 150000)")
+    col.add_argument("--noise", type=float, default=None,
+                     help="maze2d: std of the Gaussian action noise (default 0.5, D4RL's --noisy)")
     col.add_argument("--seed", type=int, default=0)
     col.add_argument("--out", default="datasets")
     col.add_argument("--formats", default="hdf5,minari")

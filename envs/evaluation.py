@@ -16,7 +16,7 @@ import torch
 from gymnasium.vector import SyncVectorEnv
 from tqdm.auto import tqdm
 
-from envs import d4rl
+from envs import d4rl, maze
 from envs.datasets import OfflineDataset, normalized_score
 from envs.minari_io import make_env
 
@@ -82,6 +82,8 @@ def _flat_obs(factory: Callable[[], gym.Env]) -> Callable[[], gym.Env]:
 def _resolve_env(env: EnvSpec, max_episode_steps: int | None,
                  trust_env: bool = False) -> tuple[Callable[[], gym.Env], OfflineDataset | None]:
     kwargs = {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
+    if isinstance(env, str) and maze.is_maze(env):
+        env = maze.maze_spec(env).env_id  # maze2d-umaze -> D4RL's maze2d-v1 evaluation task on PointMaze
     if isinstance(env, (str, OfflineDataset)):
         return (lambda: make_env(env, trust_env, **kwargs)), (env if isinstance(env, OfflineDataset) else None)
     if isinstance(env, gym.Env):
@@ -135,8 +137,10 @@ def evaluate(
     policy is ``reset()`` before each batch, finished envs are masked (their rows keep the final observation;
     nothing after the end is counted). Episode ``i`` is seeded with ``seed + i``, so results do not depend on
     ``num_envs`` for a deterministic policy. Actions are clipped to the action space. The normalised score
-    uses ``ref_scores``, else the dataset's reference scores, else D4RL's for the env's robot. ``trust_env``
-    lets a Minari dataset's environment run the entry point the dataset records (see `envs.minari_io`).
+    uses ``ref_scores``, else the dataset's reference scores, else D4RL's for the env's robot or maze. A maze name
+    (``maze2d-umaze``, ``-medium``, ``-large``) is D4RL's maze2d-v1 evaluation (`envs.maze`): random start, the
+    maze's fixed goal, whose full state ``envs.maze.eval_goal_state(name)`` a goal-conditioned planner is given.
+    ``trust_env`` lets a Minari dataset's environment run the entry point the dataset records (see `envs.minari_io`).
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -148,7 +152,7 @@ def evaluate(
         if ref_scores is None and dataset is not None and dataset.ref_min_score is not None:
             ref_scores = (dataset.ref_min_score, dataset.ref_max_score)
         if ref_scores is None and vec.envs[0].spec is not None:
-            ref_scores = d4rl.ref_scores(vec.envs[0].spec.id)
+            ref_scores = d4rl.ref_scores(vec.envs[0].spec.id) or maze.ref_scores(vec.envs[0].spec.id)
         returns, lengths = _rollout(policy, vec, episodes, seed, max_episode_steps, progress)
     finally:
         vec.close()
