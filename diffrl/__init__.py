@@ -7,7 +7,7 @@ light and the core modules never import ``agents`` or ``envs``.
 
 __version__ = "0.1.0"
 
-_API = ("Experiment", "Run", "RunSpec", "describe", "distill", "make", "resume")
+_API = ("Experiment", "Run", "RunSpec", "describe", "distill", "make", "resume", "train_ddpo")
 
 
 def __getattr__(name: str):

@@ -19,8 +19,10 @@ evaluations run the same episodes (same seeds), so the final one of a policy equ
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import random
 import shutil
 import textwrap
 import time
@@ -87,7 +89,9 @@ class RunSpec:
     """Everything needed to rebuild a run: saved as ``config.json`` in the run folder. ``dataset`` is absolute
     when it names a file; ``dataset_sha256`` is the data's fingerprint (``OfflineDataset.fingerprint``);
     ``eval_env`` is the evaluation environment (None: the dataset's); ``distill`` the settings of a run made by
-    :func:`distill` (its teacher run and ``DistillConfig``; ``agent_config`` is then the teacher's)."""
+    :func:`distill` (its teacher run and ``DistillConfig``; ``agent_config`` is then the teacher's);
+    ``pipeline`` those of a DDPO run made by :func:`train_ddpo` (its model, reward and prompts file; ``dataset``
+    is then the model and ``eval_episodes`` the number of evaluation images)."""
 
     agent: str
     dataset: str
@@ -98,6 +102,7 @@ class RunSpec:
     dataset_sha256: str | None = None
     eval_env: str | None = None
     distill: dict | None = None
+    pipeline: dict | None = None
 
     def save(self, run_dir: Path) -> None:
         with atomic_open(run_dir / RUN_CONFIG, "w") as f:
@@ -249,6 +254,8 @@ def resume(run_dir: str | os.PathLike, steps: int | None = None, *, dataset: str
         if name in changes and changes[name] != getattr(spec, name):
             print(f"resume: {name} {getattr(spec, name)} -> {changes[name]}")
             setattr(spec, name, changes[name])
+    if spec.pipeline is not None:
+        return _resume_ddpo(run_dir, spec, dataset)
     if dataset is not None and _dataset_arg(dataset) != spec.dataset:
         if spec.dataset_sha256 is None:
             raise ValueError(f"{run_dir / RUN_CONFIG} stores no fingerprint of its dataset, so another dataset "
@@ -591,3 +598,142 @@ class _PolicyFile:
         from agents.policy import load_policy
 
         return load_policy(self.path, seed=seed, device=self.device)
+
+
+# ------------------------------------------------------------------------------------------------ DDPO runs
+
+
+#: A DDPO run's final adapters (LoRA, diffusers format) or, when it trains the whole U-Net, merged pipeline.
+DDPO_LORA, DDPO_PIPELINE = "lora", "pipeline"
+
+
+def train_ddpo(model: str | os.PathLike, prompts: str | os.PathLike, reward: str = "jpeg_compressibility", *,
+               steps: int = 100, batch_size: int | None = None, seed: int = 0, device: str = "auto",
+               precision: str = "fp32", eval_every: int = 0, eval_images: int = 16, log_every: int | None = None,
+               checkpoint_every: int | None = None, on_nonfinite: str = "stop",
+               run_dir: str | os.PathLike | None = None, runs_root: str = "runs", overwrite: bool = False,
+               clip_model: str | os.PathLike | None = None, aesthetic_head: str | os.PathLike | None = None,
+               progress: bool = True, **config: Any) -> Run:
+    """Fine-tune the diffusers text-to-image pipeline ``model`` (a folder or hub id) with DDPO on ``reward``
+    (``envs.image_rewards.REWARD_NAMES``; ``aesthetic`` needs the local ``clip_model`` and ``aesthetic_head``) for
+    the prompts of the file ``prompts`` (one per line, or a JSON list), as ``diffrl train ddpo`` does.
+
+    One step is one DDPO epoch of ``batch_size`` sampled images (default 256, the paper's); ``config`` sets
+    :class:`agents.ddpo.DDPOConfig` fields. The run folder holds ``config.json``, ``tb/`` (reward curves),
+    ``tb_images/`` and ``grids/`` (fixed-seed sample grids captioned with their prompts, every ``eval_every``
+    epochs, ``eval_images`` images), ``checkpoints/``, ``final_eval.json`` and the trained adapters in ``lora/``
+    (``pipe.load_lora_weights``), or the merged pipeline in ``pipeline/`` when ``lora_rank=0``. :func:`resume`
+    continues it exactly. ``Run.policy_path`` is that folder.
+    """
+    from agents.ddpo import DDPO
+
+    config_cls = resolve_agent(DDPO.kind)[0]
+    agent_config = apply_values(config_cls(), config)
+    texts = load_prompts(prompts)
+    if eval_images < 0:
+        raise ValueError(f"eval_images must be >= 0, got {eval_images}")
+    train = {**config_to_dict(TrainConfig()), "seed": seed, "device": device, "precision": precision,
+             "batch_size": DDPO.default_batch_size if batch_size is None else batch_size, "steps": steps,
+             "eval_every": eval_every, "log_every": default_log_every(steps) if log_every is None else log_every,
+             "checkpoint_every": max(1, steps // 5) if checkpoint_every is None else checkpoint_every,
+             "on_nonfinite": on_nonfinite, "progress": progress}
+    del train["run_dir"]
+    local = {name: None if path is None else str(Path(path).resolve())
+             for name, path in (("clip_model", clip_model), ("aesthetic_head", aesthetic_head))}
+    pipeline = {"model": _dataset_arg(model), "reward": reward, "prompts": str(Path(prompts).resolve()),
+                "prompts_sha256": _prompts_sha256(texts), **local}
+    spec = RunSpec(DDPO.kind, pipeline["model"], config_to_dict(agent_config), train, eval_images, pipeline=pipeline)
+    folder = _new_run_dir(run_dir, runs_root, overwrite, DDPO.kind, Path(os.fspath(model)).name)
+    return _run_ddpo(spec, folder, overwrite=overwrite)
+
+
+def load_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts of a text file (one per line, blank lines skipped) or of a ``.json`` file (a list of strings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompts file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"prompts file {path} cannot be read as UTF-8 text: {one_line(err)}") from None
+    if path.suffix == ".json":
+        try:
+            prompts = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"prompts file {path} is not valid JSON: {one_line(err)}") from None
+        if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError(f"prompts file {path} must hold a JSON list of non-empty strings")
+        prompts = [p.strip() for p in prompts]
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+def _prompts_sha256(prompts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+
+
+def _load_pipeline(model: str) -> Any:
+    """A diffusers pipeline from a folder (or a hub id), in float32 (precision is a training setting)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(model)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"model {model} does not load as a diffusers pipeline: {one_line(err)}"[:400]) from None
+
+
+def _resume_ddpo(run_dir: Path, spec: RunSpec, dataset: Any) -> Run:
+    """:func:`resume` of a DDPO run, once the generic checks passed: the same pipeline, reward and prompts."""
+    if dataset is not None:
+        raise ValueError(f"{run_dir} is a DDPO run on {spec.dataset}: it takes no dataset")
+    return _run_ddpo(spec, run_dir, resume=True)
+
+
+def _run_ddpo(spec: RunSpec, folder: Path | Callable[[], Path], overwrite: bool = False,
+              resume: bool = False) -> Run:
+    """Check and build everything, claim the folder, train, then save the adapters and the final evaluation."""
+    from agents.ddpo import DDPO, DDPOConfig, SampleEvaluator
+    from envs.image_rewards import reward_by_name
+
+    config_from_dict(TrainConfig, {**spec.train, "run_dir": "."})
+    parts = spec.pipeline or {}
+    prompts = load_prompts(parts["prompts"])
+    if _prompts_sha256(prompts) != parts["prompts_sha256"]:
+        raise ValueError(f"prompts file {parts['prompts']} no longer holds the prompts the run was started with")
+    device = _train_device(spec.train["device"])
+    reward = reward_by_name(parts["reward"], parts.get("clip_model"), parts.get("aesthetic_head"), device)
+    pipe = _load_pipeline(parts["model"])
+    seed_everything(spec.train["seed"])  # the adapters' initial weights follow the run's seed
+
+    def prompt_fn() -> tuple[str, dict]:
+        return random.choice(prompts), {}  # Python's global RNG: seeded by the run and saved in its checkpoints
+
+    agent = DDPO.from_pipeline(pipe, config_from_dict(DDPOConfig, spec.agent_config), prompt_fn, reward).to(device)
+    seed = spec.train["seed"] + EVAL_SEED_OFFSET
+    eval_prompts = [prompts[i % len(prompts)] for i in range(spec.eval_episodes)]
+    run_dir, lock = _claim_run_dir(spec, folder, overwrite)
+    try:
+        evaluator = SampleEvaluator(None, eval_prompts, seed=seed, run_dir=run_dir, nrow=min(8, max(1, len(
+            eval_prompts))))
+        train_config = config_from_dict(TrainConfig, {**spec.train, "run_dir": str(run_dir), "device": str(device)})
+        trainer = Trainer(agent, agent.collect, train_config, evaluate=evaluator if eval_prompts else None)
+        trainer.fit(resume=resume)
+        out = agent.save_lora(run_dir / DDPO_LORA) if agent.chain.lora else agent.save_merged(run_dir / DDPO_PIPELINE)
+        print(f"run folder: {run_dir}\n{'adapters:' if agent.chain.lora else 'pipeline:'}   {out}")
+        final = None
+        if eval_prompts:
+            result = evaluator(agent, trainer.step)
+            final = {"step": trainer.step, "seed": seed, **result, "mean": result["reward_mean"],
+                     "stderr": result["reward_sem"]}
+            with atomic_open(run_dir / FINAL_EVAL, "w") as f:
+                f.write(json.dumps(final, indent=2))
+            _log_final(run_dir, trainer.step, result)
+            print(f"final:      reward {result['reward_mean']:.4g} +- {result['reward_sem']:.2g} over "
+                  f"{len(eval_prompts)} images")
+    finally:
+        if lock is not None:
+            lock.release()
+    return Run(run_dir, out, trainer.history, trainer.evaluations, final)

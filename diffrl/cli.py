@@ -29,6 +29,7 @@ from diffrl.api import (
     one_line,
     resolve_agent,
     resume,
+    train_ddpo,
 )
 from diffrl.config import config_from_dict, parse_overrides, suggest
 from diffrl.device import PRECISIONS, resolve_device
@@ -56,12 +57,19 @@ def cmd_train(args) -> None:
             refused.append("--overwrite (it starts a new run)")
         if args.run_dir and Path(args.run_dir).resolve() != Path(args.resume).resolve():
             refused.append(f"--run-dir {args.run_dir} (the run lives in {args.resume})")
+        refused += [f"--{name.replace('_', '-')}" for name in _DDPO_OPTIONS if getattr(args, name) is not None]
         if refused:
             raise SystemExit(f"error: --resume continues {args.resume} exactly, so it cannot change "
                              f"{'; '.join(refused)}; start a new run for that")
         config = parse_overrides(resolve_agent(spec.agent)[0], args.overrides)
         resume(args.resume, dataset=args.dataset, config=config, trust_env=args.trust_dataset_env, **given)
         return
+    if args.agent and args.agent.replace("-", "_") == "ddpo":
+        _train_ddpo(args, given)
+        return
+    if any(getattr(args, name) is not None for name in _DDPO_OPTIONS):
+        raise SystemExit("--model, --reward, --prompts, --clip-model and --aesthetic-head are settings of "
+                         "diffrl train ddpo")
     if not args.agent or not args.dataset:
         raise SystemExit("diffrl train needs AGENT and --dataset (or --resume RUN_DIR); diffrl train AGENT --help "
                          "lists the agent's settings")
@@ -70,6 +78,28 @@ def cmd_train(args) -> None:
                       **{k: v for k, v in given.items() if k in _MAKE_OPTIONS}, **config)
     experiment.fit(run_dir=args.run_dir, runs_root=args.runs_root, overwrite=args.overwrite,
                    **{k: v for k, v in given.items() if k in _FIT_OPTIONS})
+
+
+#: ``diffrl train ddpo`` options (attribute names): the pipeline, its reward and prompts.
+_DDPO_OPTIONS = ("model", "reward", "prompts", "clip_model", "aesthetic_head")
+
+
+def _train_ddpo(args, given: dict) -> None:
+    """``diffrl train ddpo --model PATH --prompts FILE [--reward NAME]``: :func:`diffrl.api.train_ddpo`."""
+    from agents.ddpo import DDPOConfig
+
+    if args.model is None or args.prompts is None:
+        raise SystemExit("diffrl train ddpo needs --model PIPELINE (a diffusers pipeline folder or id) and --prompts "
+                         "FILE (one prompt per line, or a .json list); --reward defaults to jpeg_compressibility")
+    if args.dataset or "eval_env" in given:
+        raise SystemExit("diffrl train ddpo fine-tunes on a reward, not on a dataset or environment: drop "
+                         "--dataset / --eval-env")
+    given = dict(given)
+    if "eval_episodes" in given:
+        given["eval_images"] = given.pop("eval_episodes")
+    train_ddpo(args.model, args.prompts, args.reward or "jpeg_compressibility", run_dir=args.run_dir,
+               runs_root=args.runs_root, overwrite=args.overwrite, clip_model=args.clip_model,
+               aesthetic_head=args.aesthetic_head, **given, **parse_overrides(DDPOConfig, args.overrides))
 
 
 def cmd_distill(args) -> None:
@@ -237,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "start afresh")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue a run exactly from its newest valid checkpoint (--steps sets a new total)")
+    ddpo = train.add_argument_group("ddpo (diffrl train ddpo --model PIPELINE --prompts FILE [--reward NAME])")
+    ddpo.add_argument("--model", help="diffusers text-to-image pipeline: a folder saved with save_pretrained, or "
+                                     "a hub id")
+    ddpo.add_argument("--reward", help="jpeg_compressibility (default), jpeg_incompressibility or aesthetic")
+    ddpo.add_argument("--prompts", help="prompts file: one prompt per line, or a .json list of strings")
+    ddpo.add_argument("--clip-model", help="aesthetic reward: local CLIP ViT-L/14 folder (transformers)")
+    ddpo.add_argument("--aesthetic-head", help="aesthetic reward: the predictor head's state dict "
+                                              "(.safetensors or .pth)")
     _trust_flag(train)
     train.set_defaults(func=cmd_train, format_help=train.format_help)
 
