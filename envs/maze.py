@@ -2,12 +2,13 @@
 
 Collection follows D4RL's ``scripts/generation/generate_maze2d_datasets.py`` and ``d4rl/pointmaze``: one continuing
 stream; a waypoint controller (PD control, gains 10 and -1, towards the next cell centre of a shortest grid path to the
-goal cell; intermediate waypoints jittered by -U(0, 0.2) per axis) drives the ball; when it has solved its goal (within
-0.1 of the goal cell's centre) a new goal is drawn uniformly among the free cells with U(-0.1, 0.1) noise; Gaussian
-action noise of std 0.5 (D4RL's ``--noisy``) is added before clipping to [-1, 1]. A goal not solved within the maze's
-``max_episode_steps`` is a timeout; only then is the environment reset. Rewards are D4RL's sparse relabelling
-(``relabel_maze2d_rewards.py``): 1 where the observed position lies within 0.5 of the maze's fixed evaluation goal,
-else 0; terminals are all False.
+goal cell, intermediate centres moved by U(0, 0.2) per axis towards a smaller row and column) drives the ball; when it
+has solved its goal (within 0.1 of the goal cell's centre) a new goal is drawn uniformly among the free cells with
+U(-0.1, 0.1) noise; Gaussian action noise of std 0.5 (D4RL's ``--noisy``) is added before clipping to [-1, 1]. A goal
+not solved within the maze's ``max_episode_steps`` is a timeout; only then is the environment reset. Rewards are D4RL's
+sparse relabelling (``relabel_maze2d_rewards.py``): 1 where the observed position lies within 0.5 of the maze's fixed
+evaluation goal, else 0 (row t looks at observation t, as the relabelling does; the environment's own reward looks at
+the position after the step, as D4RL's env does); terminals are all False.
 
 Differences from D4RL, by necessity or choice: coordinates are gymnasium-robotics' (cell centres at
 ``(col + 0.5 - W / 2, H / 2 - row - 0.5)``, D4RL used ``(row, col)``); shortest paths come from breadth-first search
@@ -155,8 +156,9 @@ class WaypointController:
 
     ``action = p_gain * (waypoint - position) + d_gain * velocity``, clipped to [-1, 1]. A waypoint is passed, and the
     goal solved, within ``solve_thresh`` of it while the position moved less than ``vel_thresh`` in the last step (D4RL
-    measures that "speed" as the step's displacement). Intermediate waypoints are cell centres minus U(0, ``jitter``)
-    per axis, the last one the goal cell's centre; the path is replanned whenever the goal changes cell.
+    measures that "speed" as the step's displacement). Intermediate waypoints are cell centres moved by U(0, ``jitter``)
+    per axis towards the smaller row and column (D4RL's ``-U(0, 0.2)`` in its (row, col) frame), the last one the goal
+    cell's centre; the path is replanned whenever the goal changes cell.
     """
 
     def __init__(self, grid: MazeGrid, p_gain: float = 10.0, d_gain: float = -1.0, solve_thresh: float = 0.1,
@@ -176,7 +178,8 @@ class WaypointController:
     def _plan(self, position: np.ndarray, goal_cell: Cell) -> None:
         start = self.grid.xy_cell(position)
         path = self.grid.shortest_path(start, goal_cell)[1:] or [goal_cell]
-        self.waypoints = [self.grid.cell_xy(c) - (self.rng.uniform(size=2) * self.jitter if i < len(path) - 1 else 0)
+        shift = np.array([-1.0, 1.0]) * self.jitter  # D4RL's -U(0, jitter) on (row, col) is (-x, +y) here
+        self.waypoints = [self.grid.cell_xy(c) + (self.rng.uniform(size=2) * shift if i < len(path) - 1 else 0)
                           for i, c in enumerate(path)]
         self.goal_cell, self._index, self._previous = goal_cell, 0, self.grid.cell_xy(start)
 
@@ -194,6 +197,26 @@ class WaypointController:
             self._index = min(self._index + 1, len(self.waypoints) - 1)
         self._previous = np.array(position, dtype=np.float64)
         return np.clip(action, -1.0, 1.0), solved
+
+
+class ControllerPolicy:
+    """Waypoint controllers as a batched policy (``envs.evaluation`` protocol) towards a fixed goal position, with
+    Gaussian action noise of std ``noise``; one controller per row, re-made by ``reset()``."""
+
+    def __init__(self, name: str, goal: np.ndarray | None = None, noise: float = 0.0, seed: int = 0) -> None:
+        self.grid = MazeGrid(maze_map(name))
+        self.goal = eval_goal_state(name)[:2] if goal is None else np.asarray(goal, dtype=np.float64)
+        self.noise, self.rng = noise, np.random.default_rng(seed)
+        self.controllers: list[WaypointController] = []
+
+    def reset(self) -> None:
+        self.controllers = []
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        while len(self.controllers) < len(obs):
+            self.controllers.append(WaypointController(self.grid, rng=self.rng))
+        actions = np.stack([c.act(o[:2], o[2:], self.goal)[0] for c, o in zip(self.controllers, obs, strict=False)])
+        return np.clip(actions + self.rng.normal(0.0, self.noise, actions.shape), -1.0, 1.0)
 
 
 class Maze2DEnv(gym.Env):

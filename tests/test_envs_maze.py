@@ -51,6 +51,21 @@ def test_cells_and_positions_round_trip():
     np.testing.assert_allclose(grid.cell_xy((0, 0)), [-2.5, 2.0])  # 6 columns, 5 rows, centred on 0
 
 
+def test_waypoints_follow_the_path_with_d4rls_jitter():
+    grid = MazeGrid(GRID)
+    controller = WaypointController(grid, rng=np.random.default_rng(0))
+    action, solved = controller.act(grid.cell_xy((3, 1)), np.zeros(2), grid.cell_xy((3, 3)) + 0.05)
+    path = grid.shortest_path((3, 1), (3, 3))[1:]
+    assert controller.goal_cell == (3, 3) and len(controller.waypoints) == len(path) and not solved
+    centres = np.stack([grid.cell_xy(c) for c in path])
+    offset = np.stack(controller.waypoints) - centres  # D4RL: -U(0, 0.2) on (row, col), i.e. -x and +y
+    assert (offset[:-1, 0] <= 0).all() and (offset[:-1, 0] >= -0.2).all()
+    assert (offset[:-1, 1] >= 0).all() and (offset[:-1, 1] <= 0.2).all() and np.abs(offset[:-1]).max() > 0.01
+    np.testing.assert_array_equal(offset[-1], 0.0)  # the goal cell's centre itself
+    # PD towards the first waypoint (straight up from the start), clipped to [-1, 1]
+    np.testing.assert_allclose(action, np.clip(10.0 * (controller.waypoints[0] - grid.cell_xy((3, 1))), -1, 1))
+
+
 @needs_robotics
 def test_mazes_match_point_maze_and_d4rl():
     from gymnasium_robotics.envs.maze.maze_v4 import Maze
@@ -141,17 +156,7 @@ def test_hdf5_and_minari_round_trip(tmp_path, monkeypatch):
 
 @needs_robotics
 def test_evaluation_on_the_maze_is_d4rl_normalised():
-    goal = maze.eval_goal_state("maze2d-umaze")
-    grid = MazeGrid(maze.maze_map("maze2d-umaze"))
-
-    class Controllers:
-        def reset(self):
-            self.controllers = [WaypointController(grid, rng=np.random.default_rng(i)) for i in range(2)]
-
-        def act(self, obs):
-            return np.stack([c.act(o[:2], o[2:], goal[:2])[0] for c, o in zip(self.controllers, obs, strict=True)])
-
-    result = evaluate(Controllers(), "maze2d-umaze", episodes=2, seed=0)
+    result = evaluate(maze.ControllerPolicy("maze2d-umaze"), "maze2d-umaze", episodes=2, seed=0)
     assert result.lengths.tolist() == [300, 300] and result.returns.min() > 100
     np.testing.assert_allclose(result.normalized, 100 * (result.returns - 23.85) / (161.86 - 23.85))
     env = Maze2DEnv("maze2d-umaze")
