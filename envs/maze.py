@@ -92,13 +92,13 @@ def ref_scores(name_or_env_id: str | None) -> tuple[float, float] | None:
     return spec.ref_min_score, spec.ref_max_score
 
 
-def _robotics() -> Any:
+def _robotics() -> None:
+    """Register gymnasium-robotics' environments (PointMaze), or say how to install it."""
     try:
         import gymnasium_robotics
     except ImportError as e:
         raise ImportError("Maze2D needs gymnasium-robotics: pip install 'diffrl[maze]'") from e
     gym.register_envs(gymnasium_robotics)
-    return gymnasium_robotics
 
 
 def maze_map(name: str) -> list[list[int]]:
