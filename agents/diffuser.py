@@ -106,9 +106,14 @@ _LOCOMOTION_SOURCE = "jannerm/diffuser config/locomotion.py, base{}"
 _MAZE2D = {"dims": (32, 128, 256), "action_weight": 1.0, "goal_conditioned": True, "normalizer": "limits",
            "clip_x0": 1.0, "train_value": False, "guide_scale": 0.0, "n_candidates": 1}
 _MAZE2D_SOURCE = "jannerm/diffuser maze2d branch, config/maze2d.py, base{}"
+#: The evaluation goal inpainted at the last plan step, as the official scripts/plan_maze2d.py conditions on the env's
+#: target with zero velocity: D4RL maze2d-v1's fixed goal cell (the map's ``G``) in gymnasium-robotics coordinates,
+#: the state ``envs.maze.eval_goal_state`` gives (a test keeps the two equal) and the HDF5 attribute ``eval_goal``.
+_MAZE2D_GOAL = "; goal: D4RL maze2d-v1 goal cell centre with zero velocity (envs.maze.eval_goal_state)"
 
 #: Per-task settings of the official configs: the locomotion base with its hopper-medium-expert and halfcheetah
-#: overrides; Maze2D goal reaching by inpainting (no return model) with the per-maze horizon and chain length.
+#: overrides; Maze2D goal reaching by inpainting of the start and the evaluation goal (no return model) with the
+#: per-maze horizon and chain length.
 PRESETS: dict[str, Preset] = {
     **{f"{env}-{level}": Preset(dict(_LOCOMOTION), _LOCOMOTION_SOURCE.format(""))
        for env in ("hopper", "walker2d") for level in ("medium", "medium-replay", "medium-expert")},
@@ -118,11 +123,12 @@ PRESETS: dict[str, Preset] = {
                                        "t_stopgrad": 4},
                                       _LOCOMOTION_SOURCE.format(" + halfcheetah_*_v2 (attention left out)"))
        for level in ("medium", "medium-replay", "medium-expert")},
-    "maze2d-umaze": Preset({**_MAZE2D, "horizon": 128, "diffusion_steps": 64},
-                           _MAZE2D_SOURCE.format(" + maze2d_umaze_v1")),
-    "maze2d-medium": Preset({**_MAZE2D, "horizon": 256, "diffusion_steps": 256}, _MAZE2D_SOURCE.format("")),
-    "maze2d-large": Preset({**_MAZE2D, "horizon": 384, "diffusion_steps": 256},
-                           _MAZE2D_SOURCE.format(" + maze2d_large_v1")),
+    "maze2d-umaze": Preset({**_MAZE2D, "horizon": 128, "diffusion_steps": 64, "goal": (-1.0, 1.0, 0.0, 0.0)},
+                           _MAZE2D_SOURCE.format(" + maze2d_umaze_v1") + _MAZE2D_GOAL),
+    "maze2d-medium": Preset({**_MAZE2D, "horizon": 256, "diffusion_steps": 256, "goal": (2.5, -2.5, 0.0, 0.0)},
+                            _MAZE2D_SOURCE.format("") + _MAZE2D_GOAL),
+    "maze2d-large": Preset({**_MAZE2D, "horizon": 384, "diffusion_steps": 256, "goal": (3.5, -3.0, 0.0, 0.0)},
+                           _MAZE2D_SOURCE.format(" + maze2d_large_v1") + _MAZE2D_GOAL),
 }
 
 

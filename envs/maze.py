@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,6 +217,34 @@ class ControllerPolicy:
             self.controllers.append(WaypointController(self.grid, rng=self.rng))
         actions = np.stack([c.act(o[:2], o[2:], self.goal)[0] for c, o in zip(self.controllers, obs, strict=False)])
         return np.clip(actions + self.rng.normal(0.0, self.noise, actions.shape), -1.0, 1.0)
+
+
+class PlanFollower:
+    """Open-loop execution of a state plan, as Diffuser's official ``scripts/plan_maze2d.py`` runs Maze2D: one plan per
+    episode from the first observation, then ``action = (p_{t+1} - p) + (v_{t+1} - v)`` towards the plan's next state
+    (after its end, the last planned position at zero velocity), clipped to [-1, 1]. ``planner(obs (B, 4))`` returns
+    the planned raw states (B, H, 4); ``reset()`` forgets the plans (``envs.evaluation`` protocol)."""
+
+    def __init__(self, planner: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.planner = planner
+        self.reset()
+
+    def reset(self) -> None:
+        self.plans: np.ndarray | None = None
+        self.t = 0
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        obs = np.asarray(obs, dtype=np.float64)
+        if self.plans is None:
+            self.plans = np.asarray(self.planner(obs), dtype=np.float64)
+            if self.plans.ndim != 3 or self.plans.shape[0] != len(obs) or self.plans.shape[2] != obs.shape[1]:
+                raise ValueError(f"the planner returned states of shape {self.plans.shape}; expected "
+                                 f"({len(obs)}, horizon, {obs.shape[1]})")
+        self.t += 1
+        target = self.plans[:, min(self.t, self.plans.shape[1] - 1)].copy()
+        if self.t >= self.plans.shape[1]:
+            target[:, 2:] = 0.0
+        return np.clip(target[:, :2] - obs[:, :2] + target[:, 2:] - obs[:, 2:], -1.0, 1.0)
 
 
 class Maze2DEnv(gym.Env):

@@ -2,6 +2,7 @@
 normalisers, EMA, inpainting, receding-horizon policy, state round trips."""
 
 import dataclasses
+import importlib.util
 
 import numpy as np
 import pytest
@@ -341,3 +342,28 @@ def test_presets_are_the_official_per_task_rows():
     for task in PRESETS:
         config, line = apply_preset(DiffuserConfig(), PRESETS, f"{task}-v2")
         assert "jannerm/diffuser" in line and all(getattr(config, k) == v for k, v in rows[task].items())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gymnasium_robotics") is None,
+                    reason="gymnasium-robotics is not installed")
+def test_maze2d_preset_plans_from_the_observation_to_the_evaluation_goal(tmp_path):
+    from envs import maze
+
+    for name in maze.MAZES:  # the preset's goal is the evaluation task's
+        np.testing.assert_allclose(PRESETS[name].values["goal"], maze.eval_goal_state(name))
+    path = maze.collect_maze("maze2d-umaze", 800, seed=2, out_dir=tmp_path, formats=("hdf5",))["hdf5"]
+    dataset = load_dataset(path)
+    config, line = apply_preset(DiffuserConfig(), PRESETS, path)
+    assert "maze2d-umaze" in line and config.goal_conditioned and not config.train_value
+    config = dataclasses.replace(config, horizon=16, diffusion_steps=8, dims=(8, 16))
+    torch.manual_seed(0)
+    agent = Diffuser.from_dataset(dataset, config)
+    train(agent, dataset, steps=3)
+    obs = dataset.observations[[5, 300]].numpy()
+    states = agent.plan(obs, torch.Generator().manual_seed(0))["states"]
+    assert states.shape == (2, 16, 4)
+    np.testing.assert_allclose(states[:, 0], obs, atol=1e-5)
+    np.testing.assert_allclose(states[:, -1], np.tile(maze.eval_goal_state("maze2d-umaze"), (2, 1)), atol=1e-5)
+    follower = maze.PlanFollower(lambda o: agent.plan(o, torch.Generator().manual_seed(0))["states"])
+    result = evaluate(follower, "maze2d-umaze", episodes=2, seed=0, max_episode_steps=20)
+    assert result.lengths.tolist() == [20, 20] and result.normalized_mean is not None
