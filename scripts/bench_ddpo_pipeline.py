@@ -92,10 +92,11 @@ def plot(results: dict, path: Path) -> None:
         sem = torch.tensor([c["reward_sem"] for c in curve])
         axes[0].plot(x, y, label=label)
         axes[0].fill_between(x, y - sem, y + sem, alpha=0.25)
-        axes[1].plot(x, [c["clipfrac"] for c in curve], label=label)
+        axes[1].plot(x, [c["kl_to_start"] for c in curve], label=label)
     axes[0].set(xlabel="sampled images", ylabel="batch reward, -JPEG kB (mean +- s.e.)",
                 title="tiny StableDiffusionPipeline, JPEG compressibility")
-    axes[1].set(xlabel="sampled images", ylabel="clip fraction", title="share of clipped ratios (DDPO-SF: on-policy)")
+    axes[1].set(xlabel="sampled images", ylabel="KL to start (per dim, summed over steps)",
+                title="drift from the starting model")
     for ax in axes:
         ax.legend()
     fig.tight_layout()
