@@ -132,3 +132,21 @@ def test_ddpo_options_need_ddpo_and_ddpo_needs_them(model, tmp_path, capsys):
         main(["train", "ddpo", "--model", str(tmp_path / "nowhere"), "--prompts", str(prompts_file(tmp_path)),
               "--run-dir", str(tmp_path / "run")])
     assert "does not load as a diffusers pipeline" in capsys.readouterr().err
+
+
+def test_stable_diffusion_script_help_and_dry_run(model, tmp_path, capsys):
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "ddpo_stable_diffusion.py"
+    sd_main = runpy.run_path(str(script))["main"]
+    with pytest.raises(SystemExit) as err:
+        sd_main(["--help"])
+    assert err.value.code == 0 and "--dry-run" in capsys.readouterr().out
+    sd_main(["--model", str(model), "--dry-run", "--out", str(tmp_path / "sd")])
+    out = capsys.readouterr().out
+    assert "4 images" in out and "images/s" in out and "peak GPU memory n/a" in out
+    spec = json.loads((tmp_path / "sd" / "config.json").read_text())
+    config = spec["agent_config"]
+    assert (config["sample_steps"], config["eta"], config["guidance_scale"], config["lora_rank"]) == (50, 1.0, 5.0, 4)
+    assert config["gradient_checkpointing"] and config["minibatch_size"] == 4 and spec["train"]["precision"] == "bf16"
+    assert (tmp_path / "sd" / "lora" / "pytorch_lora_weights.safetensors").is_file()
