@@ -1,8 +1,8 @@
 """diffrl: diffusion models for decision making.
 
-``diffrl.make``, ``diffrl.resume``, ``diffrl.distill`` and ``diffrl.describe`` (from :mod:`diffrl.api`) train agents
-from Python as ``diffrl train`` / ``diffrl distill`` do; they are imported on first use, so ``import diffrl`` stays
-light and the core modules never import ``agents`` or ``envs``.
+``diffrl.make``, ``diffrl.resume``, ``diffrl.distill``, ``diffrl.train_ddpo`` and ``diffrl.describe`` (from
+:mod:`diffrl.api`) train agents from Python as ``diffrl train`` / ``diffrl distill`` do; they are imported on
+first use, so ``import diffrl`` stays light and the core modules never import ``agents`` or ``envs``.
 """
 
 __version__ = "0.1.0"
