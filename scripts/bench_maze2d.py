@@ -206,7 +206,7 @@ def plot(runs: list[dict], path: Path, steps: int) -> None:
             if r["task"] == task and r["method"] == "controller":
                 ax.axhline(r["normalized"], color="gray", ls="--", label=LABELS["controller"])
         ax.set_xticks(range(len(here)), [LABELS[m] for m in here])
-        ax.set_title(f"{task}, {steps} steps")
+        ax.set_title(f"{task}, {steps} gradient steps")
         ax.set_ylabel("D4RL-normalised score")
         ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
