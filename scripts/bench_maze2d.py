@@ -258,12 +258,13 @@ def main(argv: list[str] | None = None) -> None:
     log = args.out / "runs.jsonl"
     kept = read_runs(log)
     done = {_key(r) for r in kept}
-    todo = [job for job in jobs_for(args, paths, methods) if _key(job) not in done]
+    jobs = jobs_for(args, paths, methods)
+    todo = [job for job in jobs if _key(job) not in done]
     print(f"{len(todo)} runs to do, {len(kept)} logged in {log}")
     runs = run_logged([(run_job, (job, args)) for job in todo], log, args.jobs, kept,
                       on_result=lambda r: print(f"{r['task']} {r['method']} seed {r['seed']}: normalised "
                                                 f"{r['normalized']:.1f} (train {r['train_s']:.0f} s)"))
-    wanted = {_key(job) for job in jobs_for(args, paths, methods)}
+    wanted = {_key(job) for job in jobs}
     current = [r for r in runs if _key(r) in wanted]
     text = table(current, args.steps, args.episodes)
     with atomic_open(args.out / "bench.txt", "w") as f:
