@@ -222,13 +222,14 @@ def resume(run_dir: str | os.PathLike, steps: int | None = None, *, dataset: str
     ``on_nonfinite``, ``progress`` (the updates stay exact) and ``device`` / ``precision`` (with a warning: not
     bit-identical); ``seed``, ``batch_size`` and the agent ``config`` values must equal the run's. ``dataset`` may
     name the same data moved elsewhere (checked against the stored fingerprint). Every applied change is printed.
+    A run made by :func:`distill` resumes with its own settings (its teacher's policy file checked unchanged);
+    only ``progress`` may change.
     """
     run_dir = Path(run_dir)
     spec = RunSpec.load(run_dir)
-    if spec.distill is not None:
-        raise ValueError(f"{run_dir} was made by diffrl distill, which does not resume: distil its teacher "
-                         f"{spec.distill.get('teacher_run')} again")
     changes = {k: v for k, v in {"steps": steps, **changes}.items() if v is not None}
+    if spec.distill is not None:
+        return _resume_distill(run_dir, spec, changes, dataset is not None or bool(config), trust_env)
     known = (*_RESUME_FREE, *_RESUME_WARN, "seed", "batch_size", "eval_episodes", "eval_env")
     for name in changes:
         if name not in known:
@@ -273,55 +274,115 @@ def distill(run_dir: str | os.PathLike, method: str = "progressive", steps: int 
             trust_env: bool = False, progress: bool = True, **settings: Any) -> Run:
     """Distil the policy of the run in ``run_dir`` into a student sampled in ``steps`` network calls, trained as a
     new run folder (``out_dir``, default ``<runs_root>/<agent>-<method><steps>-<dataset>-<time>``) laid out as
-    :meth:`Experiment.fit` lays one out, its ``policy.pt`` evaluated on the teacher run's episodes.
+    :meth:`Experiment.fit` lays one out, its ``policy.pt`` evaluated on the teacher run's episodes. An interrupted
+    student run continues exactly with :func:`resume` (``diffrl distill --resume``).
 
     ``method``: progressive, consistency, consistency-training or reflow (see :mod:`diffrl.distillation`);
     ``settings``: further :class:`~diffrl.distillation.DistillConfig` fields (iterations, teacher_steps, scales,
     lr, ...).
     Works for the actors of DiffusionBC, Diffusion Policy and Diffusion-QL, and for distilled runs of those.
     """
-    from agents.policy import CHECKPOINT_KIND, build_actor
-    from diffrl.checkpoint import load_checkpoint
-    from diffrl.distillation import DistillConfig, make_distiller
-    from envs import check_env
+    from diffrl.distillation import DistillConfig
 
     run_dir = Path(run_dir)
     spec = RunSpec.load(run_dir)
     config = apply_values(DistillConfig(method=method, steps=steps), settings)
-    payload = load_checkpoint(run_dir / POLICY_FILE, expected_kind=CHECKPOINT_KIND)
-    kind, actor_config = payload["actor_kind"], payload["actor_config"]
-    teacher = build_actor(kind, actor_config)
-    if not (hasattr(teacher, "cond") and {"solver", "solver_kwargs", "steps", "prediction"} <= set(actor_config)):
-        raise ValueError(f"{run_dir}: a {kind!r} actor cannot be distilled; diffrl distill takes runs of "
-                         "diffusion_bc, diffusion_policy and diffusion_ql")
-    teacher.load_state_dict(payload["actor_state"])
-    dataset = _load_dataset(spec.dataset, trust_env)
-    if spec.dataset_sha256 not in (None, dataset.fingerprint()):
-        raise ValueError(f"dataset {spec.dataset} no longer holds the data {run_dir} was trained on")
+    payload = _teacher_policy(run_dir)
     device = resolve_device(device)
-    teacher.to(device)
-    seed_everything(seed)
-    distiller = make_distiller(teacher.model, config, _distill_data(teacher, payload["policy"], dataset))
+    distiller, dataset = _distiller(payload, config, spec, device, seed, trust_env)
     total = distiller.total_iterations
     train = {**config_to_dict(TrainConfig()), "steps": total, "batch_size": batch_size, "seed": seed,
              "device": str(device), "log_every": default_log_every(total), "checkpoint_every": max(1, total // 5),
              "progress": progress}
     del train["run_dir"]
     episodes = spec.eval_episodes if eval_episodes is None else eval_episodes
-    origin = {"teacher_run": str(run_dir.resolve()), **config_to_dict(config)}
+    origin = {"teacher_run": str(run_dir.resolve()), "teacher_sha256": _file_sha256(run_dir / POLICY_FILE),
+              **config_to_dict(config)}
     new_spec = RunSpec(spec.agent, spec.dataset, spec.agent_config, train, episodes, dataset_sha256=spec.dataset_sha256,
                        eval_env=spec.eval_env, distill=origin)
-    evaluation = _evaluation(new_spec, dataset, trust_env)
-    if evaluation is not None:
-        check_env(dataset, trust_env=trust_env, env=new_spec.eval_env)
     folder = _new_run_dir(out_dir, runs_root, overwrite, f"{spec.agent}-{method}{steps}", dataset.name)
-    out, lock = _claim_run_dir(new_spec, folder, overwrite)
+    return _train_student(new_spec, payload, distiller, dataset, folder, overwrite, trust_env, resume=False)
+
+
+def _resume_distill(run_dir: Path, spec: RunSpec, changes: dict[str, Any], other_data: bool,
+                    trust_env: bool) -> Run:
+    """:func:`resume` of a run made by :func:`distill`: the same teacher, settings and seed, from its newest
+    checkpoint; only ``progress`` may change."""
+    from diffrl.distillation import DistillConfig
+
+    refused = sorted(set(changes) - {"progress"}) + (["dataset / config"] if other_data else [])
+    if refused:
+        raise ValueError(f"{run_dir} was made by diffrl distill and resumes with its own settings only; it cannot "
+                         f"change {', '.join(refused)}")
+    spec.train["progress"] = changes.get("progress", spec.train.get("progress", True))
+    origin = dict(spec.distill or {})
+    teacher_run, digest = Path(origin.pop("teacher_run", "")), origin.pop("teacher_sha256", None)
+    if not (teacher_run / POLICY_FILE).is_file() or digest != _file_sha256(teacher_run / POLICY_FILE):
+        raise ValueError(f"{run_dir} cannot resume: its teacher's policy {teacher_run / POLICY_FILE} is missing or "
+                         "no longer the one it was distilled from (distil again into a new run folder)")
+    try:
+        config = config_from_dict(DistillConfig, origin)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{run_dir / RUN_CONFIG} holds invalid distillation settings: {one_line(err)}") from None
+    payload = _teacher_policy(teacher_run)
+    device = resolve_device(spec.train["device"])
+    distiller, dataset = _distiller(payload, config, spec, device, spec.train["seed"], trust_env)
+    return _train_student(spec, payload, distiller, dataset, run_dir, False, trust_env, resume=True)
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _teacher_policy(run_dir: Path) -> dict:
+    """The policy file of a teacher run, checked to hold a diffusion actor that can be distilled."""
+    from agents.policy import CHECKPOINT_KIND
+    from diffrl.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(run_dir / POLICY_FILE, expected_kind=CHECKPOINT_KIND)
+    if not {"solver", "solver_kwargs", "steps", "prediction"} <= set(payload["actor_config"]):
+        raise ValueError(f"{run_dir}: a {payload['actor_kind']!r} actor cannot be distilled; diffrl distill takes "
+                         "runs of diffusion_bc, diffusion_policy and diffusion_ql")
+    return payload
+
+
+def _distiller(payload: dict, config: Any, spec: RunSpec, device: torch.device, seed: int,
+               trust_env: bool) -> tuple[Any, Any]:
+    """(the distiller of the teacher policy ``payload`` on the run's dataset, that dataset); the same for the
+    same seed, so that a resumed run rebuilds what it started with."""
+    from agents.policy import build_actor
+    from diffrl.distillation import make_distiller
+
+    teacher = build_actor(payload["actor_kind"], payload["actor_config"])
+    if not hasattr(teacher, "cond"):
+        raise ValueError(f"a {payload['actor_kind']!r} actor cannot be distilled; diffrl distill takes runs of "
+                         "diffusion_bc, diffusion_policy and diffusion_ql")
+    teacher.load_state_dict(payload["actor_state"])
+    dataset = _load_dataset(spec.dataset, trust_env)
+    if spec.dataset_sha256 not in (None, dataset.fingerprint()):
+        raise ValueError(f"dataset {spec.dataset} no longer holds the data the teacher was trained on")
+    teacher.to(device)
+    seed_everything(seed)
+    return make_distiller(teacher.model, config, _distill_data(teacher, payload["policy"], dataset)), dataset
+
+
+def _train_student(spec: RunSpec, payload: dict, distiller: Any, dataset: Any, folder: Path, overwrite: bool,
+                   trust_env: bool, resume: bool) -> Run:
+    """Train the student in its run folder (continuing from its newest checkpoint with ``resume``), then save,
+    evaluate and summarise it."""
+    from envs import check_env
+
+    evaluation = _evaluation(spec, dataset, trust_env)
+    if evaluation is not None:
+        check_env(dataset, trust_env=trust_env, env=spec.eval_env)
+    device = resolve_device(spec.train["device"])
+    out, lock = _claim_run_dir(spec, folder, overwrite)
     try:
         trainer = Trainer(distiller, distiller.batch_sampler(),
-                          config_from_dict(TrainConfig, {**train, "run_dir": str(out)}))
-        trainer.fit()
+                          config_from_dict(TrainConfig, {**spec.train, "run_dir": str(out)}))
+        trainer.fit(resume=resume)
         _save_student(payload, distiller, out / POLICY_FILE)
-        final = _finish(_PolicyFile(out / POLICY_FILE, device), out, new_spec, evaluation, trainer.step)
+        final = _finish(_PolicyFile(out / POLICY_FILE, device), out, spec, evaluation, trainer.step)
     finally:
         if lock is not None:
             lock.release()

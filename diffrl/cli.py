@@ -105,6 +105,14 @@ def _train_ddpo(args, given: dict) -> None:
 def cmd_distill(args) -> None:
     from diffrl.distillation import DistillConfig
 
+    if args.resume:
+        if args.run or args.overrides or args.run_dir or args.overwrite:
+            raise SystemExit(f"error: diffrl distill --resume {args.resume} continues that run with its own "
+                             "settings; give no teacher RUN, settings, --run-dir or --overwrite with it")
+        resume(args.resume, trust_env=args.trust_dataset_env)
+        return
+    if not args.run:
+        raise SystemExit("diffrl distill needs the teacher RUN folder (or --resume STUDENT_RUN_DIR)")
     settings = parse_overrides(DistillConfig, args.overrides)
     settings.update({name: getattr(args, name) for name in ("iterations", "teacher_steps", "scales", "lr")
                      if getattr(args, name) is not None})
@@ -281,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     dis = sub.add_parser("distill", help="distil a run's policy into a few-step student (a new run folder)",
                          epilog="Further DistillConfig fields are set with field=value, e.g. target_ema=0.9 "
                                 "(see diffrl.distillation.DistillConfig).")
-    dis.add_argument("run", help="run folder of the teacher (diffusion_bc, diffusion_policy or diffusion_ql)")
+    dis.add_argument("run", nargs="?",
+                     help="run folder of the teacher (diffusion_bc, diffusion_policy or diffusion_ql)")
     dis.add_argument("--method", default="progressive",
                      help="progressive, consistency, consistency-training or reflow (LinearFlow models)")
     dis.add_argument("--steps", type=int, default=2, help="network calls of the student's sampler")
@@ -297,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--run-dir", help="run folder of the student (default: runs/<agent>-<method><steps>-...)")
     dis.add_argument("--runs-root", default="runs")
     dis.add_argument("--overwrite", action="store_true", help="replace an existing run folder --run-dir")
+    dis.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted distillation run exactly from its newest checkpoint")
     _trust_flag(dis)
     dis.set_defaults(func=cmd_distill)
 

@@ -100,25 +100,84 @@ def test_bad_settings_are_refused():
         DistillConfig(steps=0)
 
 
-def test_distill_cli_round_trip(tmp_path, monkeypatch):
+AGENT_SETTINGS = {  # tiny networks: each agent kind trains and distils in seconds
+    "diffusion_bc": ["hidden=32", "ema_start=0"],
+    "diffusion_policy": ["dims=[8,16]", "time_dim=8", "horizon=8", "n_action_steps=4", "steps=4", "warmup_steps=0"],
+    "diffusion_ql": ["hidden=16", "critic_hidden=16", "n_candidates=3", "ema_start=0"],
+}
+
+TEACHER_STEPS = {"diffusion_ql": "5"}  # progressive grids divide a discrete chain's steps (Diffusion-QL: 5)
+
+
+def train_teacher(kind: str, run_dir) -> None:
+    from diffrl.cli import main
+
+    main(["train", kind, "--dataset", "toy:pointnav", "--steps", "20", "--batch-size", "32", "--eval-episodes", "1",
+          "--run-dir", str(run_dir), *AGENT_SETTINGS[kind]])
+
+
+@pytest.mark.parametrize("kind", list(AGENT_SETTINGS))
+def test_distill_cli_round_trip(kind, tmp_path, monkeypatch):
     from agents.policy import load_policy
     from diffrl.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     teacher = tmp_path / "teacher"
-    main(["train", "diffusion_bc", "--dataset", "toy:pointnav", "--steps", "20", "--batch-size", "32",
-          "--eval-episodes", "1", "--run-dir", str(teacher), "hidden=32", "ema_start=0"])
+    train_teacher(kind, teacher)
+    teacher_policy = load_policy(teacher / "policy.pt", seed=0)
     for method, steps in (("progressive", 1), ("consistency", 2)):
         out = tmp_path / method
         main(["distill", str(teacher), "--method", method, "--steps", str(steps), "--iterations", "3",
-              "--teacher-steps", "4", "--batch-size", "16", "--eval-episodes", "1", "--run-dir", str(out)])
+              "--teacher-steps", TEACHER_STEPS.get(kind, "4"), "--batch-size", "16", "--eval-episodes", "1", "--run-dir", str(out)])
         for name in ("config.json", "policy.pt", "final_eval.json", "tb", "checkpoints"):
             assert (out / name).exists(), name
         policy = load_policy(out / "policy.pt", seed=0)
-        assert policy.actor.steps == steps
-        assert policy.act(torch.zeros(policy.obs_dim).numpy()).shape == (policy.act_dim,)
+        assert type(policy.actor) is type(teacher_policy.actor) and policy.actor.steps == steps
+        assert type(policy.actor.solver).__name__ == ("GridDDIM" if method == "progressive" else "ConsistencySampler")
+        obs = torch.zeros(policy.obs_dim).numpy()
+        assert policy.act(obs).shape == teacher_policy.act(obs).shape == (policy.act_dim,)
         module = torch.jit.load(str(policy.export_torchscript(tmp_path / f"{method}.ts")))
-        assert module(torch.zeros(1, 1, policy.obs_dim)).shape == (1, 1, policy.act_dim)
-    with pytest.raises(SystemExit, match="LinearFlow"):
-        main(["distill", str(teacher), "--method", "reflow", "--run-dir", str(tmp_path / "rf")])
-    assert not (tmp_path / "rf").exists()
+        chunk = module(torch.zeros(1, policy.n_obs_steps, policy.obs_dim))
+        assert chunk.shape == (1, policy.n_action_steps, policy.act_dim) and torch.isfinite(chunk).all()
+    if kind == "diffusion_bc":
+        with pytest.raises(SystemExit, match="LinearFlow"):
+            main(["distill", str(teacher), "--method", "reflow", "--run-dir", str(tmp_path / "rf")])
+        assert not (tmp_path / "rf").exists()
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
+def test_interrupted_distillation_resumes_exactly(method, tmp_path, monkeypatch):
+    import diffrl
+    from diffrl import distillation
+    from diffrl.checkpoint import load_checkpoint
+    from diffrl.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    teacher = tmp_path / "teacher"
+    train_teacher("diffusion_bc", teacher)
+    # progressive: 2 rounds (4 -> 2 -> 1 calls) of 10 updates; consistency: 20 updates; checkpoints every 4
+    settings = {"iterations": 10 if method == "progressive" else 20, "teacher_steps": 4, "batch_size": 16,
+                "eval_episodes": 0, "device": "cpu", "progress": False}
+    diffrl.distill(teacher, method, 1, out_dir=tmp_path / "whole", **settings)
+
+    cls = distillation.ProgressiveDistiller if method == "progressive" else distillation.ConsistencyDistiller
+    update = cls.update
+
+    def interrupted(self, batch):  # stops in the second round, after the checkpoint of update 12
+        if self.learner.num_steps == 13:
+            raise RuntimeError("interrupted")
+        return update(self, batch)
+
+    monkeypatch.setattr(cls, "update", interrupted)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        diffrl.distill(teacher, method, 1, out_dir=tmp_path / "parts", **settings)
+    monkeypatch.setattr(cls, "update", update)
+    assert not (tmp_path / "parts" / "policy.pt").exists()
+    main(["distill", "--resume", str(tmp_path / "parts")])
+
+    whole, parts = (load_checkpoint(tmp_path / name / "policy.pt")["actor_state"] for name in ("whole", "parts"))
+    assert whole.keys() == parts.keys()
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    (teacher / "policy.pt").write_bytes((teacher / "policy.pt").read_bytes() + b"\0")
+    with pytest.raises(SystemExit, match="no longer the one"):
+        main(["distill", "--resume", str(tmp_path / "parts")])
