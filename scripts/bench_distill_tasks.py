@@ -166,9 +166,10 @@ def markdown(rows: list[dict]) -> str:
               "above or below the teacher's mean +- the teacher's standard error over seeds; seeds with both routes: "
               "seeds where at least "
               f"{ROUTE_SHARE:.0%} of the episodes reach the goal along each route (envs.toy.episode_route); "
-              f"{ODE_TEACHER}: the teacher's network sampled by {DEFAULT_TEACHER_STEPS}-step deterministic DDIM "
-              "(no training). Means +- standard errors over seeds; latency: median of act() on one observation, "
-              "interleaved rounds.", ""]
+              + (f"{ODE_TEACHER}: the teacher's network sampled by {DEFAULT_TEACHER_STEPS}-step deterministic DDIM "
+                 "(no training); " if any(r["policy"] == ODE_TEACHER for r in rows) else "")
+              + "means +- standard errors over seeds; latency: median of act() on one observation, interleaved "
+              "rounds.", ""]
     lines += [f"{task}: {seeds} seeds; teacher {steps} updates at batch 256, students {it} updates per progressive "
               f"round from a {DEFAULT_TEACHER_STEPS}-step DDIM grid (3 rounds for 2 calls, 4 for 1 call); {eps} "
               "evaluation episodes per policy and seed; one CPU thread on a shared 2-core machine."
