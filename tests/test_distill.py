@@ -128,7 +128,8 @@ def test_distill_cli_round_trip(kind, tmp_path, monkeypatch):
     for method, steps in (("progressive", 1), ("consistency", 2)):
         out = tmp_path / method
         main(["distill", str(teacher), "--method", method, "--steps", str(steps), "--iterations", "3",
-              "--teacher-steps", TEACHER_STEPS.get(kind, "4"), "--batch-size", "16", "--eval-episodes", "1", "--run-dir", str(out)])
+              "--teacher-steps", TEACHER_STEPS.get(kind, "4"), "--batch-size", "16", "--eval-episodes", "1",
+              "--run-dir", str(out)])
         for name in ("config.json", "policy.pt", "final_eval.json", "tb", "checkpoints"):
             assert (out / name).exists(), name
         policy = load_policy(out / "policy.pt", seed=0)
@@ -181,3 +182,12 @@ def test_interrupted_distillation_resumes_exactly(method, tmp_path, monkeypatch)
     (teacher / "policy.pt").write_bytes((teacher / "policy.pt").read_bytes() + b"\0")
     with pytest.raises(SystemExit, match="no longer the one"):
         main(["distill", "--resume", str(tmp_path / "parts")])
+
+
+def test_distill_cli_refuses_a_missing_teacher_and_mixed_resume(tmp_path):
+    from diffrl.cli import main
+
+    with pytest.raises(SystemExit, match="needs the teacher RUN"):
+        main(["distill"])
+    with pytest.raises(SystemExit, match="give no teacher RUN"):
+        main(["distill", "--resume", str(tmp_path), "--run-dir", str(tmp_path / "other")])
