@@ -287,9 +287,9 @@ def distill(run_dir: str | os.PathLike, method: str = "progressive", steps: int 
     run_dir = Path(run_dir)
     spec = RunSpec.load(run_dir)
     config = apply_values(DistillConfig(method=method, steps=steps), settings)
-    payload = _teacher_policy(run_dir)
+    payload, teacher = _teacher_policy(run_dir)
     device = resolve_device(device)
-    distiller, dataset = _distiller(payload, config, spec, device, seed, trust_env)
+    distiller, dataset = _distiller(payload, teacher, config, spec, device, seed, trust_env)
     total = distiller.total_iterations
     train = {**config_to_dict(TrainConfig()), "steps": total, "batch_size": batch_size, "seed": seed,
              "device": str(device), "log_every": default_log_every(total), "checkpoint_every": max(1, total // 5),
@@ -324,9 +324,9 @@ def _resume_distill(run_dir: Path, spec: RunSpec, changes: dict[str, Any], other
         config = config_from_dict(DistillConfig, origin)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{run_dir / RUN_CONFIG} holds invalid distillation settings: {one_line(err)}") from None
-    payload = _teacher_policy(teacher_run)
+    payload, teacher = _teacher_policy(teacher_run)
     device = resolve_device(spec.train["device"])
-    distiller, dataset = _distiller(payload, config, spec, device, spec.train["seed"], trust_env)
+    distiller, dataset = _distiller(payload, teacher, config, spec, device, spec.train["seed"], trust_env)
     return _train_student(spec, payload, distiller, dataset, run_dir, False, trust_env, resume=True)
 
 
@@ -334,30 +334,28 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _teacher_policy(run_dir: Path) -> dict:
-    """The policy file of a teacher run, checked to hold a diffusion actor that can be distilled."""
-    from agents.policy import CHECKPOINT_KIND
+def _teacher_policy(run_dir: Path) -> tuple[dict, Any]:
+    """(the policy file of a teacher run, its actor with the trained weights), checked to be a diffusion actor
+    that can be distilled."""
+    from agents.policy import CHECKPOINT_KIND, build_actor
     from diffrl.checkpoint import load_checkpoint
 
     payload = load_checkpoint(run_dir / POLICY_FILE, expected_kind=CHECKPOINT_KIND)
-    if not {"solver", "solver_kwargs", "steps", "prediction"} <= set(payload["actor_config"]):
-        raise ValueError(f"{run_dir}: a {payload['actor_kind']!r} actor cannot be distilled; diffrl distill takes "
-                         "runs of diffusion_bc, diffusion_policy and diffusion_ql")
-    return payload
-
-
-def _distiller(payload: dict, config: Any, spec: RunSpec, device: torch.device, seed: int,
-               trust_env: bool) -> tuple[Any, Any]:
-    """(the distiller of the teacher policy ``payload`` on the run's dataset, that dataset); the same for the
-    same seed, so that a resumed run rebuilds what it started with."""
-    from agents.policy import build_actor
-    from diffrl.distillation import make_distiller
-
-    teacher = build_actor(payload["actor_kind"], payload["actor_config"])
-    if not hasattr(teacher, "cond"):
-        raise ValueError(f"a {payload['actor_kind']!r} actor cannot be distilled; diffrl distill takes runs of "
+    kind, actor_config = payload["actor_kind"], payload["actor_config"]
+    teacher = build_actor(kind, actor_config)
+    if not (hasattr(teacher, "cond") and {"solver", "solver_kwargs", "steps", "prediction"} <= set(actor_config)):
+        raise ValueError(f"{run_dir}: a {kind!r} actor cannot be distilled; diffrl distill takes runs of "
                          "diffusion_bc, diffusion_policy and diffusion_ql")
     teacher.load_state_dict(payload["actor_state"])
+    return payload, teacher
+
+
+def _distiller(payload: dict, teacher: Any, config: Any, spec: RunSpec, device: torch.device, seed: int,
+               trust_env: bool) -> tuple[Any, Any]:
+    """(the distiller of the ``teacher`` actor of the policy file ``payload`` on the run's dataset, that dataset);
+    the same for the same seed, so that a resumed run rebuilds what it started with."""
+    from diffrl.distillation import make_distiller
+
     dataset = _load_dataset(spec.dataset, trust_env)
     if spec.dataset_sha256 not in (None, dataset.fingerprint()):
         raise ValueError(f"dataset {spec.dataset} no longer holds the data the teacher was trained on")
