@@ -123,6 +123,11 @@ AESTHETIC_LINEARS = ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
 AESTHETIC_WIDTHS = (768, 1024, 128, 64, 16, 1)
 
 
+def _short(err: BaseException) -> str:
+    """An error's message on one line, cut to 200 characters, for the one-line errors about model files."""
+    return " ".join(str(err).split())[:200]
+
+
 def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     """CLIP's input from images in [0, 1]: shorter side resized to ``size`` (bicubic, antialiased), centre crop
     ``size`` x ``size``, per-channel normalisation; grey images are repeated over three channels."""
@@ -155,7 +160,7 @@ def load_aesthetic_head(path: str | Path) -> torch.nn.Sequential:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged file or one that would run code: named, never a traceback
         raise ValueError(f"aesthetic head file {path} cannot be read as a state dict: "
-                         f"{' '.join(str(err).split())[:200]}") from None
+                         f"{_short(err)}") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     names = [f"{layer}.{p}" for layer in AESTHETIC_LINEARS for p in ("weight", "bias")]
     if not isinstance(state, dict) or any(not isinstance(state.get(n), torch.Tensor) for n in names):
@@ -172,7 +177,7 @@ def load_aesthetic_head(path: str | Path) -> torch.nn.Sequential:
         head.load_state_dict({n.removeprefix("layers."): state[n] for n in names})
     except RuntimeError as err:
         raise ValueError(f"aesthetic head file {path} has the wrong layer sizes for widths {widths}: "
-                         f"{' '.join(str(err).split())[:200]}") from None
+                         f"{_short(err)}") from None
     return head.eval().requires_grad_(False)
 
 
@@ -197,7 +202,7 @@ class AestheticReward:
             self.clip = CLIPVisionModelWithProjection.from_pretrained(str(clip_path))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"aesthetic CLIP model folder {clip_path} does not load as a CLIP vision model: "
-                             f"{' '.join(str(err).split())[:200]}") from None
+                             f"{_short(err)}") from None
         self.head = load_aesthetic_head(head_path)
         width = self.head[0].in_features
         if width != self.clip.config.projection_dim:
