@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gymnasium as gym
-import minari
 import numpy as np
 import torch
 from stable_baselines3 import SAC
@@ -24,7 +23,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from envs import d4rl
 from envs.datasets import OfflineDataset, concatenate
 from envs.evaluation import evaluate
-from envs.minari_io import local_dataset_ids, make_env, write_minari
+from envs.minari_io import make_env, write_minari
 
 LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 FORMATS = ("hdf5", "minari")
@@ -196,9 +195,7 @@ def _write(data: OfflineDataset, level: str, robot: str, out_dir: str | os.PathL
         written["hdf5"] = str(path)
     if "minari" in formats:
         dataset_id = f"diffrl/{robot}/{level}-v0"
-        if dataset_id in local_dataset_ids():
-            minari.delete_dataset(dataset_id)
-        write_minari(data, dataset_id, algorithm_name=f"SAC ({level})", author="diffrl",
+        write_minari(data, dataset_id, replace=True, algorithm_name=f"SAC ({level})", author="diffrl",
                      description=f"{level} behaviour data for {data.env_id} collected with envs.collect")
         written["minari"] = dataset_id
     return written

@@ -398,14 +398,10 @@ def collect_maze(name: str, n_transitions: int = 1_000_000, seed: int = 0, noise
         written["hdf5"] = str(write_maze_hdf5(Path(out_dir) / f"{data.name}.hdf5", data, goals, behaviour=behaviour,
                                               seed=seed, action_noise=noise))
     if "minari" in formats:
-        import minari
-
-        from envs.minari_io import local_dataset_ids, write_minari
+        from envs.minari_io import write_minari
 
         dataset_id = f"diffrl/maze2d/{data.name.removeprefix('maze2d-')}-v0"
-        if dataset_id in local_dataset_ids():
-            minari.delete_dataset(dataset_id)
-        write_minari(data, dataset_id, algorithm_name=behaviour, author="diffrl",
+        write_minari(data, dataset_id, replace=True, algorithm_name=behaviour, author="diffrl",
                      description=f"{data.name} (D4RL maze2d-v1 protocol) collected with envs.maze")
         written["minari"] = dataset_id
     return written

@@ -135,9 +135,10 @@ def _to_offline(ds: minari.MinariDataset, dataset_id: str) -> OfflineDataset:
                           source=f"minari:{dataset_id}", minari_id=dataset_id)
 
 
-def write_minari(dataset: OfflineDataset, dataset_id: str, env: str | gym.Env | None = None,
+def write_minari(dataset: OfflineDataset, dataset_id: str, env: str | gym.Env | None = None, replace: bool = False,
                  **metadata: Any) -> minari.MinariDataset:
-    """Write ``dataset`` as a Minari dataset (HDF5 format) under ``dataset_id`` in Minari's local storage.
+    """Write ``dataset`` as a Minari dataset (HDF5 format) under ``dataset_id`` in Minari's local storage
+    (``replace``: a local dataset of that id is deleted first).
 
     ``env`` (default: ``dataset.env_id``) gives the spaces and the recoverable env; without one, unbounded Box
     spaces of the dataset's dims are used. Extra ``metadata`` (author, algorithm_name, description, ...) is
@@ -159,6 +160,8 @@ def write_minari(dataset: OfflineDataset, dataset_id: str, env: str | gym.Env | 
                   "action_space": gym.spaces.Box(-np.inf, np.inf, (dataset.act_dim,), np.float32)}
     if dataset.ref_min_score is not None and dataset.ref_max_score is not None:
         metadata = {"ref_min_score": dataset.ref_min_score, "ref_max_score": dataset.ref_max_score, **metadata}
+    if replace and dataset_id in local_dataset_ids():
+        minari.delete_dataset(dataset_id)
     with warnings.catch_warnings():  # Minari recommends optional metadata (permalink, email, eval env) loudly
         warnings.filterwarnings("ignore", message=".*(is set to None|env_spec is None)", category=UserWarning)
         return minari.create_dataset_from_buffers(dataset_id, buffers, env=env, data_format="hdf5", **spaces,

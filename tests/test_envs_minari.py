@@ -51,6 +51,16 @@ def test_write_minari_roundtrip_without_env():
     assert back.episode_bounds() == d.episode_bounds()
 
 
+def test_write_minari_replaces_a_local_dataset_only_when_asked():
+    first, second = make_pointnav_dataset(n_episodes=2, seed=1), make_pointnav_dataset(n_episodes=3, seed=2)
+    first.env_id = second.env_id = None
+    write_minari(first, "test/pointnav/replaced-v0")
+    with pytest.raises(ValueError):
+        write_minari(second, "test/pointnav/replaced-v0")
+    write_minari(second, "test/pointnav/replaced-v0", replace=True)
+    assert torch.equal(load_dataset("test/pointnav/replaced-v0").observations, second.observations)
+
+
 def test_missing_minari_dataset_offline_is_clear(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match=r"'mujoco/hopper/medium-v0' is not in local storage.*offline"):
