@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_bc import pointnav_rollouts, summarise  # noqa: E402
 from bench_policy_latency import timings  # noqa: E402
-from run_log import file_digest, read_runs  # noqa: E402
+from run_log import file_digest, mean_se, read_runs  # noqa: E402
 
 import diffrl  # noqa: E402
 from agents.policy import CHECKPOINT_KIND, load_policy  # noqa: E402
@@ -115,9 +115,8 @@ def run_seed(args: argparse.Namespace, seed: int, dataset, root: Path) -> dict:
     return {**settings_of(args), "seed": seed, "policies": policies}
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    v = np.asarray(values, dtype=float)
-    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+#: The standard error of a single seed: unknown.
+NAN = float("nan")
 
 
 def summary(runs: list[dict]) -> list[dict]:
@@ -128,7 +127,7 @@ def summary(runs: list[dict]) -> list[dict]:
     for task in dict.fromkeys(r["task"] for r in runs):
         group = [r for r in runs if r["task"] == task]
         headline = "normalized" if task == "hopper-medium" else "goal"
-        teacher = mean_se([r["policies"]["teacher"][headline] for r in group])
+        teacher = mean_se([r["policies"]["teacher"][headline] for r in group], single=NAN)
         for name in (n for n in POLICIES if all(n in r["policies"] for r in group)):
             cells = [r["policies"][name] for r in group]
             row = {"task": task, "policy": name, "sampler": cells[0]["sampler"], "calls": cells[0]["calls"],
@@ -136,9 +135,9 @@ def summary(runs: list[dict]) -> list[dict]:
                    "iterations": group[0]["iterations"], "episodes": group[0]["episodes"]}
             for key in ("return", "normalized", "goal", "goal_up", "goal_down", "latency_ms", "train_s"):
                 if key in cells[0]:
-                    row[key], row[f"{key}_se"] = mean_se([c[key] for c in cells])
+                    row[key], row[f"{key}_se"] = mean_se([c[key] for c in cells], single=NAN)
             row["minus_teacher"], row["minus_teacher_se"] = mean_se(
-                [r["policies"][name][headline] - r["policies"]["teacher"][headline] for r in group])
+                [r["policies"][name][headline] - r["policies"]["teacher"][headline] for r in group], single=NAN)
             gap = row[headline] - teacher[0]
             row["vs_teacher"] = "within" if abs(gap) <= teacher[1] else "above" if gap > 0 else "below"
             if task == "pointnav":

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_log import file_digest, read_runs, run_logged  # noqa: E402
+from run_log import file_digest, mean_se, read_runs, run_logged  # noqa: E402
 
 from agents.diffuser import PRESETS, Diffuser, DiffuserConfig  # noqa: E402
 from agents.presets import apply_preset  # noqa: E402
@@ -156,12 +156,6 @@ def jobs_for(args: argparse.Namespace, paths: dict[str, Path], methods: list[str
 
 def _key(run: dict) -> tuple:
     return tuple(run[k] for k in KEY)
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error (0 for a single value)."""
-    a = np.asarray(values, dtype=np.float64)
-    return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0
 
 
 def table(runs: list[dict], steps: int, episodes: int) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_log import read_runs, run_logged  # noqa: E402
+from run_log import mean_se, read_runs, run_logged  # noqa: E402
 from train_offline_rl import make_config, train  # noqa: E402
 
 from agents import AGENTS  # noqa: E402
@@ -77,11 +77,6 @@ def run_d3rlpy(algo: str, path: Path, args, seed: int) -> dict:
     out = json.loads(lines[-1])
     return {"curve": [{"step": e["step"], "normalized": e["normalized"]} for e in out["evaluations"]],
             "steps_per_sec": out["steps_per_sec"]}
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    x = np.asarray(values, dtype=np.float64)
-    return float(x.mean()), (float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0)
 
 
 def print_scores(results: dict, labels: dict[str, str], datasets: list[str], last: int, width: int) -> None:

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_dql_runner as dql_runner  # noqa: E402
 import reference_qgpo_runner as qgpo_runner  # noqa: E402
 from reference_dql_runner import task_name  # noqa: E402
-from run_log import file_digest, read_runs, run_logged  # noqa: E402
+from run_log import file_digest, mean_se, read_runs, run_logged  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPLEMENTATIONS = ("official", "diffrl")
@@ -234,11 +234,6 @@ def run_key(run: dict) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def mean_se(values: list[float]) -> tuple[float, float]:
-    x = np.asarray(values, dtype=np.float64)
-    return float(x.mean()), (float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0)
-
-
 def group(runs: list[dict]) -> dict[tuple[str, str, str, int], dict[str, list[dict]]]:
     """(agent, dataset, file digest, budget) -> implementation -> runs sorted by seed."""
     out: dict[tuple[str, str, str, int], dict[str, list[dict]]] = {}

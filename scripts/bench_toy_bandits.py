@@ -22,11 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_log import mean_se  # noqa: E402
 
 from agents.diffusion_ql import DiffusionQL, DiffusionQLConfig
 from agents.qgpo import QGPO, QGPOConfig
@@ -89,11 +93,6 @@ def run_one(name: str, seed: int, steps: int, batch_size: int) -> tuple[dict, di
     data_reward = dataset.rewards.mean().item()
     extras = {"data": dataset.actions.numpy(), "qgpo": samples, "dql": own}
     return {"qgpo": qgpo_rows, "dql": dql_row, "data_reward": data_reward}, extras
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    x = np.asarray(values, dtype=np.float64)
-    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
 def fmt(values: list[float]) -> str:

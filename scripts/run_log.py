@@ -9,6 +9,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+
+def mean_se(values: Sequence[float], single: float = 0.0) -> tuple[float, float]:
+    """Mean and standard error over runs (``single`` as the error of one run)."""
+    x = np.asarray(values, dtype=np.float64)
+    return float(x.mean()), (float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else single)
+
 
 def file_digest(path: Path) -> str:
     """The first 16 hex digits of the SHA-256 of a file: tells runs on a remade dataset from runs on the old one."""
