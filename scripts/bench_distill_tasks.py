@@ -11,8 +11,10 @@ in interleaved rounds (median, ms).
 ``--task pointnav``: ``toy:pointnav``; return, goal rate and the goal rate along each route (``envs.toy.episode_route``,
 as in results/pointnav_routes.json). ``--task hopper-medium``: ``--dataset`` (D4RL layout HDF5); return and the
 D4RL-normalised score. Each finished seed is appended to ``<out>/runs_<task>.jsonl``; a rerun with the same
-settings skips the seeds logged there. The table (mean +- standard error over seeds) goes to ``<out>/tasks.md``
-and ``tasks.csv`` (every task logged so far), the plot to ``tasks.png``.
+settings skips the seeds logged there, runs of other settings stay in the log and get rows of their own. The table
+(mean +- standard error over seeds, one block per task and budget) goes to ``<out>/tasks.md`` and ``tasks.csv``, the
+plot to ``tasks.png``. ``--work-dir`` keeps the teacher and student run folders (default: a temporary folder); a
+teacher already trained there with the same settings is reused.
 
     OMP_NUM_THREADS=1 python scripts/bench_distill_tasks.py --task pointnav
     OMP_NUM_THREADS=1 python scripts/bench_distill_tasks.py --task hopper-medium --teacher-steps 10000 --episodes 10
@@ -21,6 +23,7 @@ and ``tasks.csv`` (every task logged so far), the plot to ``tasks.png``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import sys
@@ -84,21 +87,32 @@ def latencies(paths: dict[str, Path], repeats: int = 1000, rounds: int = 5) -> d
     return {name: float(np.median(np.concatenate(v))) / 1000 for name, v in times.items()}
 
 
+def budget_of(run: dict) -> tuple:
+    """The settings that make runs one row group: task, data, teacher and student budgets, episodes."""
+    return tuple(run.get(k) for k in ("task", "dataset_sha", "teacher_steps", "iterations", "episodes", "batch_size"))
+
+
 def run_seed(args: argparse.Namespace, seed: int, dataset, root: Path) -> dict:
-    """Teacher and students of one seed, scored and timed."""
-    data = args.dataset if args.task == "hopper-medium" else "toy:pointnav"
-    teacher_dir = root / f"{args.task}-teacher-{seed}"
-    start = time.perf_counter()
-    diffrl.make("diffusion_bc", data, seed=seed, batch_size=args.batch_size).fit(
-        args.teacher_steps, eval_episodes=0, run_dir=teacher_dir, overwrite=True, progress=False)
-    train_s = {"teacher": time.perf_counter() - start, ODE_TEACHER: 0.0}
+    """Teacher and students of one seed, scored and timed; a teacher finished in ``root`` before is reused."""
+    settings = settings_of(args)
+    data = settings["dataset"]
+    teacher_dir = root / f"{args.task}-{settings['dataset_sha']}-teacher{args.teacher_steps}-b{args.batch_size}-{seed}"
+    teacher_log = teacher_dir / "teacher_train_s.json"
+    if not teacher_log.exists():
+        start = time.perf_counter()
+        diffrl.make("diffusion_bc", data, seed=seed, batch_size=args.batch_size).fit(
+            args.teacher_steps, eval_episodes=0, run_dir=teacher_dir, overwrite=True, progress=False)
+        with atomic_open(teacher_log, "w") as f:
+            json.dump({"train_s": time.perf_counter() - start}, f)
+    train_s = {"teacher": json.loads(teacher_log.read_text())["train_s"], ODE_TEACHER: 0.0}
     paths = {"teacher": teacher_dir / "policy.pt", ODE_TEACHER: teacher_dir / "policy_ddim.pt"}
     payload = load_checkpoint(paths["teacher"], expected_kind=CHECKPOINT_KIND)
     ddim = {"solver": "ddim", "solver_kwargs": {}, "steps": DEFAULT_TEACHER_STEPS}
     save_checkpoint(paths[ODE_TEACHER], {**payload, "actor_config": {**payload["actor_config"], **ddim}},
                     kind=CHECKPOINT_KIND)
     for steps in STUDENT_STEPS:
-        name, out = f"progressive-{steps}", root / f"{args.task}-progressive{steps}-{seed}"
+        name, out = f"progressive-{steps}", teacher_dir.with_name(f"{teacher_dir.name}-progressive{steps}-it"
+                                                                   f"{args.iterations}")
         start = time.perf_counter()
         diffrl.distill(teacher_dir, "progressive", steps, out_dir=out, overwrite=True, batch_size=args.batch_size,
                        seed=seed, device="cpu", eval_episodes=0, progress=False, iterations=args.iterations)
@@ -124,15 +138,18 @@ def summary(runs: list[dict]) -> list[dict]:
     rate, D4RL score) minus the teacher's of the same seed, and where the mean lies against the teacher's mean +- one
     standard error (the teacher's, over seeds): within, above or below."""
     rows = []
-    for task in dict.fromkeys(r["task"] for r in runs):
-        group = [r for r in runs if r["task"] == task]
+    for budget in dict.fromkeys(map(budget_of, runs)):
+        group = [r for r in runs if budget_of(r) == budget]
+        task = budget[0]
         headline = "normalized" if task == "hopper-medium" else "goal"
         teacher = mean_se([r["policies"]["teacher"][headline] for r in group], single=NAN)
         for name in (n for n in POLICIES if all(n in r["policies"] for r in group)):
             cells = [r["policies"][name] for r in group]
-            row = {"task": task, "policy": name, "sampler": cells[0]["sampler"], "calls": cells[0]["calls"],
+            row = {"task": task, "block": f"{task}, {budget[3]} per round", "policy": name,
+                   "sampler": cells[0]["sampler"], "calls": cells[0]["calls"],
                    "seeds": len(group), "teacher_steps": group[0]["teacher_steps"],
-                   "iterations": group[0]["iterations"], "episodes": group[0]["episodes"]}
+                   "iterations": group[0]["iterations"], "episodes": group[0]["episodes"],
+                   "batch_size": group[0]["batch_size"]}
             for key in ("return", "normalized", "goal", "goal_up", "goal_down", "latency_ms", "train_s"):
                 if key in cells[0]:
                     row[key], row[f"{key}_se"] = mean_se([c[key] for c in cells], single=NAN)
@@ -150,16 +167,18 @@ def markdown(rows: list[dict]) -> str:
     def pm(row: dict, key: str, fmt: str) -> str:
         return f"{row[key]:{fmt}} +- {row[key + '_se']:{fmt}}" if key in row else "-"
 
-    lines = ["| task | policy | sampler, calls | return | D4RL score | goal rate | goal up | goal down | "
-             "seeds with both routes | act() median ms | minus teacher | vs teacher +- 1 SE | training wall s |",
+    lines = ["| task, student updates | policy | sampler, calls | return | D4RL score | goal rate | goal up | "
+             "goal down | seeds with both routes | act() median ms | minus teacher | vs teacher +- 1 SE | "
+             "training wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['policy']} | {r['sampler']} {r['calls']} | {pm(r, 'return', '.1f')} | "
+        lines.append(f"| {r['block']} | {r['policy']} | {r['sampler']} {r['calls']} | {pm(r, 'return', '.1f')} | "
                      f"{pm(r, 'normalized', '.1f')} | {pm(r, 'goal', '.2f')} | {pm(r, 'goal_up', '.2f')} | "
                      f"{pm(r, 'goal_down', '.2f')} | {r['both_routes'] if 'both_routes' in r else '-'} | "
                      f"{pm(r, 'latency_ms', '.2f')} | {pm(r, 'minus_teacher', '.2f')} | "
                      f"{r['vs_teacher']} | {r['train_s']:.0f} |")
-    budgets = {(r["task"], r["seeds"], r["teacher_steps"], r["iterations"], r["episodes"]) for r in rows}
+    budgets = {(r["task"], r["seeds"], r["teacher_steps"], r["batch_size"], r["iterations"], r["episodes"])
+               for r in rows}
     lines += ["", "minus teacher: the headline metric (goal rate for pointnav, D4RL score for hopper-medium) minus the "
               "teacher's of the same seed (mean +- s.e. over seeds); vs teacher +- 1 SE: whether the mean lies within, "
               "above or below the teacher's mean +- the teacher's standard error over seeds; seeds with both routes: "
@@ -169,10 +188,10 @@ def markdown(rows: list[dict]) -> str:
                  "(no training); " if any(r["policy"] == ODE_TEACHER for r in rows) else "")
               + "means +- standard errors over seeds; latency: median of act() on one observation, interleaved "
               "rounds.", ""]
-    lines += [f"{task}: {seeds} seeds; teacher {steps} updates at batch 256, students {it} updates per progressive "
+    lines += [f"{task}: {seeds} seeds; teacher {steps} updates at batch {batch}, students {it} updates per progressive "
               f"round from a {DEFAULT_TEACHER_STEPS}-step DDIM grid (3 rounds for 2 calls, 4 for 1 call); {eps} "
               "evaluation episodes per policy and seed; one CPU thread on a shared 2-core machine."
-              for task, seeds, steps, it, eps in sorted(budgets)]
+              for task, seeds, steps, batch, it, eps in sorted(budgets)]
     return "\n".join(lines)
 
 
@@ -182,18 +201,19 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(2, len(tasks), figsize=(4.5 * len(tasks), 6.5), squeeze=False)
-    for j, task in enumerate(tasks):
-        group = [r for r in rows if r["task"] == task]
-        key, label = ("normalized", "D4RL-normalised score") if task == "hopper-medium" else ("goal", "goal rate")
+    blocks = list(dict.fromkeys(r["block"] for r in rows))
+    fig, axes = plt.subplots(2, len(blocks), figsize=(4.5 * len(blocks), 6.5), squeeze=False)
+    for j, block in enumerate(blocks):
+        group = [r for r in rows if r["block"] == block]
+        hopper = group[0]["task"] == "hopper-medium"
+        key, label = ("normalized", "D4RL-normalised score") if hopper else ("goal", "goal rate")
         names = [f"{r['policy']}\n({r['calls']} calls)" for r in group]
         for i, (metric, ylabel) in enumerate(((key, label), ("latency_ms", "act() median latency (ms)"))):
             ax = axes[i][j]
             ax.bar(names, [r[metric] for r in group], yerr=[r[metric + "_se"] for r in group], capsize=4,
                    color=[COLOURS[r["policy"]] for r in group])
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{task}, {group[0]['seeds']} seeds (mean +- s.e.)", fontsize=10)
+            ax.set_title(f"{block}, {group[0]['seeds']} seeds (mean +- s.e.)", fontsize=9)
             ax.tick_params(labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -225,6 +245,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, help="evaluation episodes (pointnav 100, hopper-medium 10)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("results/distill"))
+    parser.add_argument("--work-dir", type=Path, help="keep teacher and student runs here (default: temporary)")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table and plot from the logs")
     args = parser.parse_args()
     for name, value in DEFAULTS[args.task].items():
@@ -235,14 +256,12 @@ def main() -> None:
     if not args.table_only:
         log = args.out / f"runs_{args.task}.jsonl"
         settings = settings_of(args)
-        kept = [r for r in read_runs(log) if all(r.get(k) == v for k, v in settings.items())]
-        with atomic_open(log, "w") as f:  # runs of other settings are dropped
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        done = {r["seed"] for r in kept}
+        done = {r["seed"] for r in read_runs(log) if all(r.get(k) == v for k, v in settings.items())}
         dataset = load_dataset(settings["dataset"])
-        with tempfile.TemporaryDirectory(prefix="distill-tasks-") as root:
+        with contextlib.ExitStack() as stack:
+            root = args.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="distill-tasks-")))
             for seed in (s for s in args.seeds if s not in done):
-                row = run_seed(args, seed, dataset, Path(root))
+                row = run_seed(args, seed, dataset, root)
                 with open(log, "a") as f:
                     f.write(json.dumps(row) + "\n")
     write_outputs(args.out)
