@@ -15,13 +15,14 @@ from torch import Tensor, nn
 from agents.policy import register_actor
 from diffrl.model import DiffusionModel
 from diffrl.nets import ResidualMLP
+from diffrl.nets.chi_unet1d import ChiUNet1D
 from diffrl.nets.transformer import DiT1D
 from diffrl.nets.unet1d import TemporalUNet1D
 from diffrl.schedules import make_schedule
 from diffrl.solvers import make_solver
 
 #: Backbones by name; "mlp" models the (flattened) chunk as one vector, the others run along the horizon.
-NETS = {"mlp": ResidualMLP, "unet1d": TemporalUNet1D, "dit1d": DiT1D}
+NETS = {"mlp": ResidualMLP, "unet1d": TemporalUNet1D, "chi_unet1d": ChiUNet1D, "dit1d": DiT1D}
 
 
 def build_denoiser(net: str, act_dim: int, horizon: int, cond_dim: int, net_kwargs: dict) -> nn.Module:

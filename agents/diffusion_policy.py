@@ -3,11 +3,11 @@
 The last ``n_obs_steps`` observations condition a diffusion model of a chunk of ``horizon`` actions that starts at
 the oldest of them; the policy executes ``n_action_steps`` actions from the newest observation's step
 (chunk index ``n_obs_steps - 1``) on, then plans again (receding horizon with an action queue, handled by
-:class:`agents.policy.Policy`). Backbones: the FiLM-conditioned temporal U-Net (the paper's CNN variant), the
-paper's transformer (causal self-attention over action tokens, time and observations as condition tokens), a
-DiT-style transformer or an MLP. Training windows follow the official sequence sampler: they may start up to
-``n_obs_steps - 1`` steps before an episode (first step repeated) and hold up to ``n_action_steps - 1`` steps past
-its end (last step repeated).
+:class:`agents.policy.Policy`). Backbones: the paper's FiLM-conditioned temporal U-Net (``chi_unet1d``, the default,
+in the official layout), the paper's transformer (causal self-attention over action tokens, time and observations as
+condition tokens), diffrl's temporal U-Net (``unet1d``, Janner et al.'s layout), a DiT-style transformer or an MLP.
+Training windows follow the official sequence sampler: they may start up to ``n_obs_steps - 1`` steps before an
+episode (first step repeated) and hold up to ``n_action_steps - 1`` steps past its end (last step repeated).
 
 Image observations: with ``cameras`` set, observations are dicts ``{camera: (C, H, W) uint8 in [0, 255] or float in
 [0, 1], ..., "state": (D,)}`` (with leading batch / time axes). They are packed into one flat vector per step (the
@@ -34,13 +34,14 @@ from diffrl.nets.transformer import CausalTransformer1D
 from diffrl.nets.vision import ObservationEncoder
 from diffrl.training import Learner
 
-NET_FIELDS = {"unet1d": ("dims", "kernel_size", "time_dim"),
+NET_FIELDS = {"chi_unet1d": ("dims", "kernel_size", "time_dim", "num_train_steps"),
+              "unet1d": ("dims", "kernel_size", "time_dim"),
               "transformer": ("d_model", "n_layers", "heads", "p_drop_emb", "p_drop_attn", "causal_attn"),
               "dit1d": ("d_model", "n_layers", "heads"), "mlp": ("hidden", "depth", "time_dim")}
 #: AdamW settings of Chi et al.'s configs per backbone (``train_diffusion_unet_lowdim_workspace.yaml``,
 #: ``train_diffusion_transformer_lowdim_workspace.yaml``), used where the config leaves them unset; the
-#: DiT and MLP backbones (not in the paper) take the U-Net's.
-OPTIMISER_DEFAULTS = {"unet1d": dict(betas=(0.95, 0.999), weight_decay=1e-6, warmup_steps=500),
+#: DiT, MLP and diffrl U-Net backbones (not in the paper) take the paper's U-Net's.
+OPTIMISER_DEFAULTS = {"chi_unet1d": dict(betas=(0.95, 0.999), weight_decay=1e-6, warmup_steps=500),
                       "transformer": dict(betas=(0.9, 0.95), weight_decay=1e-3, warmup_steps=1000)}
 STATE_KEY = "state"
 
@@ -55,9 +56,12 @@ class DiffusionPolicyConfig:
     cosine LR; EMA with power-0.75 warmup to 0.9999 after every update; image encoder: ResNet-18 with GroupNorm,
     32 spatial-softmax keypoints, one encoder per camera, 84x84 crops of 96x96 images (PushT image config).
 
-    Deviations: the U-Net is diffrl's temporal U-Net (same widths, kernel, groups and FiLM blocks, but the
-    observation history goes through an MLP and is added to the time embedding rather than concatenated to it,
-    and the skips are wired as in Janner et al.'s U-Net); weight decay applies to every parameter (the official
+    The U-Net (``chi_unet1d``) is the official ``ConditionalUnet1D`` layout: same parameter count (65,783,298 for
+    2-d actions and a 40-d condition) and, with the official weights loaded, the same outputs to 6e-7 in float64
+    (diffrl's sinusoidal frequencies are computed in float32). ``net="unet1d"`` is diffrl's temporal U-Net (condition
+    MLP added to the time embedding, Janner et al.'s skips).
+
+    Deviations: weight decay applies to every parameter (the official
     transformer exempts biases, norms and position embeddings); the transformer's time features use diffrl's
     continuous time (t in (0, 1] times 1000) rather than the integer step.
     """
@@ -65,7 +69,7 @@ class DiffusionPolicyConfig:
     horizon: int = 16
     n_obs_steps: int = 2
     n_action_steps: int = 8
-    net: str = "unet1d"
+    net: str = "chi_unet1d"
     dims: tuple[int, ...] = (256, 512, 1024)
     kernel_size: int = 5
     time_dim: int = 256
@@ -111,7 +115,7 @@ class DiffusionPolicyConfig:
         if not 1 <= self.n_action_steps <= self.horizon - self.n_obs_steps + 1:
             raise ValueError(f"n_action_steps must lie in [1, horizon - n_obs_steps + 1] = "
                              f"[1, {self.horizon - self.n_obs_steps + 1}], got {self.n_action_steps}")
-        for name, value in OPTIMISER_DEFAULTS.get(self.net, OPTIMISER_DEFAULTS["unet1d"]).items():
+        for name, value in OPTIMISER_DEFAULTS.get(self.net, OPTIMISER_DEFAULTS["chi_unet1d"]).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if self.cameras:
@@ -122,7 +126,8 @@ class DiffusionPolicyConfig:
         if len(set(names)) != len(names) or STATE_KEY in names:
             raise ValueError(f"cameras must be distinct names other than {STATE_KEY!r}, got {names}")
         if self.net == "mlp":
-            raise ValueError("image observations need a sequence backbone (unet1d, transformer or dit1d), not mlp")
+            raise ValueError("image observations need a sequence backbone (chi_unet1d, unet1d, transformer or dit1d), "
+                             "not mlp")
         if len(self.image_shape) != 3 or len(self.crop_shape) != 2 or min(*self.image_shape, *self.crop_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W) and crop_shape (h, w), got {self.image_shape}, "
                              f"{self.crop_shape}")
@@ -236,7 +241,7 @@ class DiffusionPolicy(DiffusionBC):
             net_kwargs["depth"] = net_kwargs.pop("n_layers")
         if net == "transformer":
             net_kwargs["n_obs_steps"] = c.n_obs_steps
-        if net == "unet1d":
+        if net in ("chi_unet1d", "unet1d"):
             net_kwargs["dims"] = tuple(net_kwargs["dims"])
         if c.cameras:
             encoder = dict(state_dim=self.state_dim, cameras=len(c.cameras), image_shape=tuple(c.image_shape),

@@ -145,7 +145,8 @@ AGENT_FIELD_HELP: dict[tuple[str, str], str] = {
     ("qgpo", "hidden"): "narrowest width of the behaviour network",
     ("qgpo", "critic_lr"): "learning rate of the Q networks",
     ("qgpo", "total_steps"): "updates of both phases, split by behavior_fraction (none: the run's steps)",
-    ("diffusion_policy", "net"): "backbone: unet1d, transformer (the paper's causal one), dit1d or mlp",
+    ("diffusion_policy", "net"): "backbone: chi_unet1d (the paper's U-Net), transformer (the paper's causal one), "
+                                 "unet1d (diffrl's), dit1d or mlp",
     ("diffusion_policy", "d_model"): "transformer width (net=transformer or dit1d)",
     ("diffusion_policy", "n_layers"): "transformer layers (net=transformer or dit1d)",
     ("diffusion_policy", "heads"): "attention heads (net=transformer or dit1d)",

@@ -96,7 +96,7 @@ def test_image_policy_update_lowers_the_loss_and_acts_on_dict_observations():
     agent = DiffusionPolicy(DiffusionPolicyConfig(**IMAGES, lr=3e-3), 1, 2)
     assert agent.obs_dim == 1 + 2 * 3 * 32 * 32 and isinstance(agent.actor.model.denoiser, EncodedDenoiser)
     generator = torch.Generator().manual_seed(0)
-    losses = [float(agent.update(image_batch(generator))["loss"]) for _ in range(40)]
+    losses = [float(agent.update(image_batch(generator))["loss"]) for _ in range(80)]
     assert np.mean(losses[-10:]) < 0.75 * np.mean(losses[:10])
 
     policy = agent.policy(seed=0)

@@ -1,5 +1,6 @@
 """Denoiser backbones: every net is called as ``net(x_t, t, cond=None)`` and returns a tensor shaped like x_t."""
 
+from diffrl.nets.chi_unet1d import ChiUNet1D
 from diffrl.nets.embeddings import (
     ClassEmbedding,
     ConditionEncoder,
@@ -16,6 +17,7 @@ from diffrl.nets.unet1d import TemporalUNet1D, TemporalValueNet1D
 from diffrl.nets.unet2d import UNet2D
 
 __all__ = [
+    "ChiUNet1D",
     "ClassEmbedding",
     "ConditionEncoder",
     "DiT1D",

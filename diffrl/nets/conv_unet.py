@@ -33,12 +33,13 @@ class ConvBlock(nn.Sequential):
 
 
 class ResBlock(nn.Module):
-    """Two ConvBlocks with FiLM conditioning between them and a (1x1 conv) residual path.
+    """Two ConvBlocks with FiLM conditioning between them (``h * (scale_offset + scale) + shift``) and a (1x1 conv)
+    residual path.
 
     ``emb_act`` is the activated embedding ``mish(emb)`` of shape (B, emb_dim), computed once per forward.
     """
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, nd: int, kernel_size: int):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, nd: int, kernel_size: int, scale_offset: float = 1.0):
         super().__init__()
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd to keep the length, got {kernel_size}")
@@ -47,10 +48,11 @@ class ResBlock(nn.Module):
         self.block2 = ConvBlock(c_out, c_out, nd, kernel_size)
         self.skip = _CONV[nd](c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.spatial = (...,) + (None,) * nd
+        self.scale_offset = scale_offset
 
     def forward(self, x: Tensor, emb_act: Tensor) -> Tensor:
         scale, shift = self.film(emb_act)[self.spatial].chunk(2, dim=1)
-        h = self.block1(x) * (1 + scale) + shift
+        h = self.block1(x) * (self.scale_offset + scale) + shift
         return self.block2(h) + self.skip(x)
 
 
