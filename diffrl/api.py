@@ -315,7 +315,8 @@ def _resume_distill(run_dir: Path, spec: RunSpec, changes: dict[str, Any], other
         raise ValueError(f"{run_dir} was made by diffrl distill and resumes with its own settings only; it cannot "
                          f"change {', '.join(refused)}")
     spec.train["progress"] = changes.get("progress", spec.train.get("progress", True))
-    origin = dict(spec.distill or {})
+    origin = {"anneal_lr": False, "max_grad_norm": None,  # runs made before these settings trained without them
+              **(spec.distill or {})}
     teacher_run, digest = Path(origin.pop("teacher_run", "")), origin.pop("teacher_sha256", None)
     if not (teacher_run / POLICY_FILE).is_file() or digest != _file_sha256(teacher_run / POLICY_FILE):
         raise ValueError(f"{run_dir} cannot resume: its teacher's policy {teacher_run / POLICY_FILE} is missing or "

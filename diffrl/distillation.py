@@ -52,7 +52,10 @@ class DistillConfig:
     Song et al. 2023); consistency training, the final N of the schedule N(k) that grows from ``start_scales``
     (default 150, s0 = 2, as in the official LSUN runs). ``target_ema``: the target network's decay, fixed for
     distillation (0.95, official) and mu0 of the adaptive mu(k) = exp(s0 log mu0 / N(k)) for training. ``rho``: the
-    Karras grid exponent (7). ``n_pairs``: reflow pairs, one per condition drawn from the data.
+    Karras grid exponent (7). ``n_pairs``: reflow pairs, one per condition drawn from the data. ``anneal_lr`` and
+    ``max_grad_norm`` (progressive): the learning rate decays linearly to 0 within each round and gradients are
+    clipped to norm 1, as in the official configs (google-research ``diffusion_distillation``, e.g.
+    ``cifar_distill.py``: linear annealing over ``steps_per_iter``, ``grad_clip=1.0``).
 
     Deviations: ``lr`` 3e-4 and a few thousand iterations fit the small control networks here (the papers train
     image U-Nets for 10^5 updates at lower rates); the consistency teacher step is DDIM (the Euler step of the paper's
@@ -73,6 +76,8 @@ class DistillConfig:
     rho: float = 7.0
     n_pairs: int = 20_000
     pair_solver: str = "dpm-solver++"
+    anneal_lr: bool = True
+    max_grad_norm: float | None = 1.0
 
     def __post_init__(self) -> None:
         if self.method not in DISTILLERS:
@@ -80,6 +85,8 @@ class DistillConfig:
         positive = {"steps": self.steps, "iterations": self.iterations, "start_scales": self.start_scales,
                     "n_pairs": self.n_pairs, "teacher_steps": self.teacher_steps or 1, "scales": self.scales or 1}
         bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            bad.append(f"max_grad_norm={self.max_grad_norm}")
         if bad or not (self.lr > 0 and self.rho > 0 and 0.0 <= self.target_ema < 1.0):
             raise ValueError(f"invalid distillation settings {bad or ''} (lr {self.lr}, rho {self.rho} must be > 0, "
                              f"target_ema {self.target_ema} in [0, 1))")
@@ -135,7 +142,11 @@ class Distiller:
         self.config, self.data = config, data
         self.teacher = frozen_copy(teacher)
         self.student = copy.deepcopy(student if student is not None else teacher).requires_grad_(True).train()
-        self.learner = Learner(self.student.denoiser, lr=config.lr)
+        self.learner = Learner(self.student.denoiser, lr=config.lr, **self.learner_settings())
+
+    def learner_settings(self) -> dict:
+        """The method's further :class:`~diffrl.training.Learner` settings (none by default)."""
+        return {}
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -197,6 +208,12 @@ class ProgressiveDistiller(Distiller):
     @property
     def total_iterations(self) -> int:
         return self.config.iterations * len(self.keep)
+
+    def learner_settings(self) -> dict:
+        """Gradient clipping and, with ``anneal_lr``, a linear decay to 0 that starts again with every round."""
+        rounds = {"lr_schedule": "linear", "total_steps": self.config.iterations,
+                  "restart_every": self.config.iterations} if self.config.anneal_lr else {}
+        return {"max_grad_norm": self.config.max_grad_norm, **rounds}
 
     def sampling(self) -> dict:
         times = self.grids[-1][:-1]

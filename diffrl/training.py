@@ -146,8 +146,9 @@ class Learner:
 
     The learning rate of update ``s`` (0-based) is ``lr * warmup(s) * decay(s)``: linear warmup
     ``(s + 1) / warmup_steps`` over the first ``warmup_steps`` updates, then for "cosine" / "linear" a decay
-    from 1 to 0 over the remaining ``total_steps - warmup_steps`` updates. The EMA copies the parameters
-    for the first ``ema_start`` updates and averages every ``ema_update_every`` updates afterwards, with the
+    from 1 to 0 over the remaining ``total_steps - warmup_steps`` updates; with ``restart_every`` the schedule
+    starts again every ``restart_every`` updates (update ``s`` uses ``s % restart_every``). The EMA copies the
+    parameters for the first ``ema_start`` updates and averages every ``ema_update_every`` updates afterwards, with the
     decay ``ema_decay`` or, given ``ema_power``, warmed up to it (see :class:`EMA`).
     ``state_dict`` holds the optimiser, the update count and the EMA, not the module's own parameters.
     """
@@ -167,6 +168,7 @@ class Learner:
         ema_start: int = 0,
         ema_power: float | None = None,
         ema_inv_gamma: float = 1.0,
+        restart_every: int | None = None,
     ) -> None:
         module = module_or_params if isinstance(module_or_params, nn.Module) else None
         params = module.parameters() if module is not None else module_or_params
@@ -193,6 +195,8 @@ class Learner:
             raise ValueError(
                 f"lr_schedule={lr_schedule!r} needs total_steps > warmup_steps ({warmup_steps}), got {total_steps}"
             )
+        if restart_every is not None and restart_every < 1:
+            raise ValueError(f"restart_every must be >= 1 or None, got {restart_every}")
         if ema_decay is not None and module is None:
             raise ValueError("ema_decay needs an nn.Module, not a bare parameter list")
         if ema_update_every < 1 or ema_start < 0:
@@ -204,6 +208,7 @@ class Learner:
         self.lr_schedule = lr_schedule
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
+        self.restart_every = restart_every
         self.ema_update_every = ema_update_every
         self.ema_start = ema_start
         self.num_steps = 0
@@ -221,6 +226,8 @@ class Learner:
     def lr_at(self, step: int) -> float:
         """Learning rate used by update number ``step`` (0-based)."""
         factor = 1.0
+        if self.restart_every is not None:
+            step %= self.restart_every
         if step < self.warmup_steps:
             factor = (step + 1) / self.warmup_steps
         if self.lr_schedule != "constant":

@@ -54,6 +54,8 @@ DEFAULTS = {"pointnav": {"teacher_steps": 3000, "iterations": 500, "episodes": 1
 ODE_TEACHER = f"teacher-ddim{DEFAULT_TEACHER_STEPS}"
 POLICIES = ["teacher", ODE_TEACHER, *(f"progressive-{k}" for k in STUDENT_STEPS)]
 COLOURS = dict(zip(POLICIES, ("tab:gray", "silver", "tab:blue", "tab:orange"), strict=True))
+LR_NOTES = {"constant": "constant learning rate, no gradient clipping",
+            "annealed": "learning rate decayed linearly to 0 within each round, gradient norm clipped to 1 (official)"}
 ROUTE_SHARE = 0.1  # a route is kept when at least this share of the episodes reaches the goal along it
 
 
@@ -62,7 +64,7 @@ def settings_of(args: argparse.Namespace) -> dict:
     data = args.dataset if args.task == "hopper-medium" else "toy:pointnav"
     return {"task": args.task, "dataset": data, "dataset_sha": file_digest(Path(data)) if Path(data).is_file() else
             None, "teacher_steps": args.teacher_steps, "iterations": args.iterations, "episodes": args.episodes,
-            "batch_size": args.batch_size}
+            "batch_size": args.batch_size, "student_lr": "constant" if args.constant_lr else "annealed"}
 
 
 def score(task: str, path: Path, dataset, episodes: int, seed: int) -> dict:
@@ -89,7 +91,8 @@ def latencies(paths: dict[str, Path], repeats: int = 1000, rounds: int = 5) -> d
 
 def budget_of(run: dict) -> tuple:
     """The settings that make runs one row group: task, data, teacher and student budgets, episodes."""
-    return tuple(run.get(k) for k in ("task", "dataset_sha", "teacher_steps", "iterations", "episodes", "batch_size"))
+    keys = ("task", "dataset_sha", "teacher_steps", "iterations", "episodes", "batch_size")
+    return (*(run.get(k) for k in keys), run.get("student_lr", "constant"))  # the first runs had a constant rate
 
 
 def run_seed(args: argparse.Namespace, seed: int, dataset, root: Path) -> dict:
@@ -112,10 +115,11 @@ def run_seed(args: argparse.Namespace, seed: int, dataset, root: Path) -> dict:
                     kind=CHECKPOINT_KIND)
     for steps in STUDENT_STEPS:
         name, out = f"progressive-{steps}", teacher_dir.with_name(f"{teacher_dir.name}-progressive{steps}-it"
-                                                                   f"{args.iterations}")
+                                                                   f"{args.iterations}-{settings['student_lr']}")
         start = time.perf_counter()
         diffrl.distill(teacher_dir, "progressive", steps, out_dir=out, overwrite=True, batch_size=args.batch_size,
-                       seed=seed, device="cpu", eval_episodes=0, progress=False, iterations=args.iterations)
+                       seed=seed, device="cpu", eval_episodes=0, progress=False, iterations=args.iterations,
+                       **({"anneal_lr": False, "max_grad_norm": None} if args.constant_lr else {}))
         train_s[name] = time.perf_counter() - start
         paths[name] = out / "policy.pt"
     latency = latencies(paths)
@@ -145,11 +149,11 @@ def summary(runs: list[dict]) -> list[dict]:
         teacher = mean_se([r["policies"]["teacher"][headline] for r in group], single=NAN)
         for name in (n for n in POLICIES if all(n in r["policies"] for r in group)):
             cells = [r["policies"][name] for r in group]
-            row = {"task": task, "block": f"{task}, {budget[3]} per round", "policy": name,
+            row = {"task": task, "block": f"{task}, {budget[3]} per round, {budget[-1]} lr", "policy": name,
                    "sampler": cells[0]["sampler"], "calls": cells[0]["calls"],
                    "seeds": len(group), "teacher_steps": group[0]["teacher_steps"],
                    "iterations": group[0]["iterations"], "episodes": group[0]["episodes"],
-                   "batch_size": group[0]["batch_size"]}
+                   "batch_size": group[0]["batch_size"], "student_lr": budget[-1]}
             for key in ("return", "normalized", "goal", "goal_up", "goal_down", "latency_ms", "train_s"):
                 if key in cells[0]:
                     row[key], row[f"{key}_se"] = mean_se([c[key] for c in cells], single=NAN)
@@ -177,8 +181,8 @@ def markdown(rows: list[dict]) -> str:
                      f"{pm(r, 'goal_down', '.2f')} | {r['both_routes'] if 'both_routes' in r else '-'} | "
                      f"{pm(r, 'latency_ms', '.2f')} | {pm(r, 'minus_teacher', '.2f')} | "
                      f"{r['vs_teacher']} | {r['train_s']:.0f} |")
-    budgets = {(r["task"], r["seeds"], r["teacher_steps"], r["batch_size"], r["iterations"], r["episodes"])
-               for r in rows}
+    budgets = {(r["task"], r["seeds"], r["teacher_steps"], r["batch_size"], r["iterations"], r["episodes"],
+                r["student_lr"]) for r in rows}
     lines += ["", "minus teacher: the headline metric (goal rate for pointnav, D4RL score for hopper-medium) minus the "
               "teacher's of the same seed (mean +- s.e. over seeds); vs teacher +- 1 SE: whether the mean lies within, "
               "above or below the teacher's mean +- the teacher's standard error over seeds; seeds with both routes: "
@@ -189,9 +193,9 @@ def markdown(rows: list[dict]) -> str:
               + "means +- standard errors over seeds; latency: median of act() on one observation, interleaved "
               "rounds.", ""]
     lines += [f"{task}: {seeds} seeds; teacher {steps} updates at batch {batch}, students {it} updates per progressive "
-              f"round from a {DEFAULT_TEACHER_STEPS}-step DDIM grid (3 rounds for 2 calls, 4 for 1 call); {eps} "
-              "evaluation episodes per policy and seed; one CPU thread on a shared 2-core machine."
-              for task, seeds, steps, batch, it, eps in sorted(budgets)]
+              f"round from a {DEFAULT_TEACHER_STEPS}-step DDIM grid (3 rounds for 2 calls, 4 for 1 call), "
+              f"{LR_NOTES[lr]}; {eps} evaluation episodes per policy and seed; one CPU thread on a shared 2-core "
+              "machine." for task, seeds, steps, batch, it, eps, lr in sorted(budgets)]
     return "\n".join(lines)
 
 
@@ -246,6 +250,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("results/distill"))
     parser.add_argument("--work-dir", type=Path, help="keep teacher and student runs here (default: temporary)")
+    parser.add_argument("--constant-lr", action="store_true",
+                        help="students at a constant learning rate without clipping (the first runs' setting)")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table and plot from the logs")
     args = parser.parse_args()
     for name, value in DEFAULTS[args.task].items():
@@ -256,7 +262,8 @@ def main() -> None:
     if not args.table_only:
         log = args.out / f"runs_{args.task}.jsonl"
         settings = settings_of(args)
-        done = {r["seed"] for r in read_runs(log) if all(r.get(k) == v for k, v in settings.items())}
+        done = {r["seed"] for r in read_runs(log)
+                if all({"student_lr": "constant", **r}.get(k) == v for k, v in settings.items())}
         dataset = load_dataset(settings["dataset"])
         with contextlib.ExitStack() as stack:
             root = args.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="distill-tasks-")))

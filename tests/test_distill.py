@@ -98,6 +98,26 @@ def test_bad_settings_are_refused():
         DistillConfig(method="bogus")
     with pytest.raises(ValueError, match="invalid distillation settings"):
         DistillConfig(steps=0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        DistillConfig(max_grad_norm=0.0)
+
+
+def test_progressive_rounds_anneal_the_learning_rate_and_clip_gradients():
+    # official configs: linear decay to 0 over each round's updates, starting again every round; grad norm <= 1
+    from diffrl.distillation import make_distiller
+    from diffrl.nets.mlp import ResidualMLP
+
+    torch.manual_seed(0)
+    teacher = DiffusionModel(ResidualMLP(2, cond_dim=1, hidden=16, depth=2), VPSDE(0.1, 20.0), "eps")
+    data = {"x0": torch.randn(64, 2), "cond": torch.randn(64, 1)}
+    distiller = make_distiller(teacher, DistillConfig(steps=2, iterations=4, teacher_steps=8, lr=1e-3), data)
+    sample = distiller.batch_sampler()
+    lrs = [float(distiller.update(sample(16))["lr"]) for _ in range(distiller.total_iterations)]
+    assert lrs == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4] * 2)
+    assert distiller.learner.max_grad_norm == 1.0
+    plain = make_distiller(teacher, DistillConfig(steps=2, iterations=4, teacher_steps=8, lr=1e-3, anneal_lr=False,
+                                                  max_grad_norm=None), data)
+    assert [plain.learner.lr_at(k) for k in range(8)] == [1e-3] * 8 and plain.learner.max_grad_norm is None
 
 
 AGENT_SETTINGS = {  # tiny networks: each agent kind trains and distils in seconds

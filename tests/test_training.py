@@ -64,6 +64,9 @@ def test_lr_schedules():
     lrs = [learner.step(_loss(net, s))["lr"] for s in range(3)]
     assert lrs == pytest.approx([1.0, 0.75, 0.5])
     assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
+    # restarted every 4 updates: each cycle decays from 1 on its own
+    cyc = Learner(p, lr=1.0, lr_schedule="linear", total_steps=4, restart_every=4)
+    assert [cyc.lr_at(s) for s in range(9)] == pytest.approx([1.0, 0.75, 0.5, 0.25] * 2 + [1.0])
 
 
 def test_ema_closed_form():
@@ -136,6 +139,8 @@ def test_learner_rejects_bad_arguments():
         Learner(list(net.parameters()), ema_decay=0.99)
     with pytest.raises(ValueError, match="lr must be positive"):
         Learner(net, lr=0.0)
+    with pytest.raises(ValueError, match="restart_every"):
+        Learner(net, lr_schedule="linear", total_steps=4, restart_every=0)
     learner = Learner(nn.Linear(1, 1))
     with pytest.raises(RuntimeError, match="does not depend"):
         learner.step(net(torch.zeros(1, 3)).sum())
