@@ -174,6 +174,24 @@ class EncodedDenoiser(nn.Module):
 NETS.update(transformer=CausalTransformer1D, encoded=EncodedDenoiser)
 
 
+def with_pixels(obs_normalizer: Any, obs_dim: int, config: Any) -> tuple[Any, int]:
+    """The normaliser and size of observations whose state (``obs_dim``, normalised by ``obs_normalizer`` or not at
+    all) is followed by the pixels of ``config.cameras``, mapped from [0, 1] to [-1, 1]."""
+    from envs.datasets import Normalizer
+
+    pixels = len(config.cameras) * math.prod(config.image_shape)
+    state = obs_normalizer if obs_normalizer is not None else Normalizer.identity(obs_dim)
+    half = torch.full((pixels,), 0.5, dtype=state.mean.dtype, device=state.mean.device)
+    return Normalizer(torch.cat([state.mean, half]), torch.cat([state.std, half])), int(obs_dim) + pixels
+
+
+def encoder_settings(config: Any, state_dim: int) -> dict:
+    """The :class:`~diffrl.nets.vision.ObservationEncoder` arguments of a config with cameras."""
+    return dict(state_dim=state_dim, cameras=len(config.cameras), image_shape=tuple(config.image_shape),
+                crop_shape=tuple(config.crop_shape), num_keypoints=config.num_keypoints, width=config.encoder_width,
+                shared=getattr(config, "shared_encoder", False))
+
+
 def pack_observations(obs: dict[str, Any], cameras: Sequence[str], dtype: torch.dtype) -> Tensor:
     """Dict observations -> the flat vectors (..., D + cameras * C * H * W) of ``dtype``: the ``"state"`` (..., D),
     then each camera's images (..., C, H, W), uint8 divided by 255, floats (in [0, 1]) as they are."""
@@ -223,15 +241,9 @@ class DiffusionPolicy(DiffusionBC):
 
     def __init__(self, config: DiffusionPolicyConfig, obs_dim: int, act_dim: int, obs_normalizer: Any = None,
                  action_normalizer: Any = None):
-        from envs.datasets import Normalizer
-
         self.state_dim = int(obs_dim)
         if config.cameras:
-            pixels = len(config.cameras) * math.prod(config.image_shape)
-            state = obs_normalizer if obs_normalizer is not None else Normalizer.identity(obs_dim)
-            half = torch.full((pixels,), 0.5, dtype=state.mean.dtype, device=state.mean.device)
-            obs_normalizer = Normalizer(torch.cat([state.mean, half]), torch.cat([state.std, half]))
-            obs_dim = self.state_dim + pixels
+            obs_normalizer, obs_dim = with_pixels(obs_normalizer, obs_dim, config)
         super().__init__(config, obs_dim, act_dim, obs_normalizer, action_normalizer)
 
     def actor_config(self) -> dict:
@@ -244,9 +256,7 @@ class DiffusionPolicy(DiffusionBC):
         if net in ("chi_unet1d", "unet1d"):
             net_kwargs["dims"] = tuple(net_kwargs["dims"])
         if c.cameras:
-            encoder = dict(state_dim=self.state_dim, cameras=len(c.cameras), image_shape=tuple(c.image_shape),
-                           crop_shape=tuple(c.crop_shape), num_keypoints=c.num_keypoints, width=c.encoder_width,
-                           shared=c.shared_encoder)
+            encoder = encoder_settings(c, self.state_dim)
             net, net_kwargs = "encoded", dict(n_obs_steps=c.n_obs_steps, encoder=encoder, backbone=net,
                                               backbone_kwargs=net_kwargs)
         return dict(obs_dim=self.obs_dim, act_dim=self.act_dim, n_obs_steps=c.n_obs_steps, horizon=c.horizon,
