@@ -48,33 +48,35 @@ def test_crops_random_per_image_in_training_centred_in_evaluation():
     assert torch.equal(center_crop(images[:1], (4, 6)), images[:1, :, 2:6, 1:7])
 
     torch.manual_seed(0)
-    encoder = ImageEncoder(3, (24, 24), num_keypoints=4, width=8)
-    x = torch.rand(3, 3, 32, 32)
+    encoder = ImageEncoder(3, (36, 36), num_keypoints=4, width=8)
+    x = torch.rand(3, 3, 44, 44)
     encoder.eval()
     torch.testing.assert_close(encoder(x), encoder(x))
-    assert torch.equal(encoder.crop(x), x[:, :, 4:28, 4:28])
+    assert torch.equal(encoder.crop(x), x[:, :, 4:40, 4:40])
     encoder.train()
     assert not torch.equal(encoder.crop(x), encoder.crop(x))
     with pytest.raises(ValueError, match="smaller than the crop"):
-        encoder(torch.rand(1, 3, 20, 32))
+        encoder(torch.rand(1, 3, 30, 44))
 
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_observation_encoder_cameras_and_state(shared):
     torch.manual_seed(0)
-    encoder = ObservationEncoder(state_dim=3, cameras=2, image_shape=(3, 32, 32), crop_shape=(28, 28),
+    encoder = ObservationEncoder(state_dim=3, cameras=2, image_shape=(3, 40, 40), crop_shape=(36, 36),
                                  num_keypoints=4, width=8, shared=shared).eval()
     assert len(encoder.encoders) == (1 if shared else 2) and encoder.feature_dim == 3 + 2 * 8
-    state, images = torch.randn(5, 3), torch.rand(5, 2, 3, 32, 32)
+    state, images = torch.randn(5, 3), torch.rand(5, 2, 3, 40, 40)
     features = encoder(torch.cat([state, images.flatten(1)], dim=1))
     assert features.shape == (5, 19) and torch.equal(features[:, :3], state)
     second = encoder.encoders[-1](images[:, 1])
     torch.testing.assert_close(features[:, 11:], second)
     with pytest.raises(ValueError, match="observations must have"):
         encoder(torch.zeros(5, 10))
+    with pytest.raises(ValueError, match="1x1 feature map"):  # keypoints of one position ignore the image
+        ObservationEncoder(state_dim=3, cameras=1, image_shape=(3, 32, 32), crop_shape=(28, 28))
 
 
-IMAGES = dict(cameras=("top", "wrist"), image_shape=(3, 32, 32), crop_shape=(28, 28), num_keypoints=4,
+IMAGES = dict(cameras=("top", "wrist"), image_shape=(3, 40, 40), crop_shape=(36, 36), num_keypoints=4,
               encoder_width=8, horizon=8, n_obs_steps=2, n_action_steps=4, dims=(8, 16), time_dim=8, steps=3,
               total_steps=200, warmup_steps=0, ema_power=None, ema_decay=0.0)
 
@@ -82,10 +84,10 @@ IMAGES = dict(cameras=("top", "wrist"), image_shape=(3, 32, 32), crop_shape=(28,
 def image_batch(generator, batch=16):
     """A bright square at a random corner of the "top" camera; the actions point to the corner."""
     corner = torch.randint(0, 2, (batch, 2), generator=generator)
-    top = torch.zeros(batch, 2, 3, 32, 32, dtype=torch.uint8)
+    top = torch.zeros(batch, 2, 3, 40, 40, dtype=torch.uint8)
     for i, (r, c) in enumerate(corner.tolist()):
-        top[i, :, :, 16 * r: 16 * r + 16, 16 * c: 16 * c + 16] = 255
-    wrist = torch.rand(batch, 2, 3, 32, 32, generator=generator)
+        top[i, :, :, 20 * r: 20 * r + 20, 20 * c: 20 * c + 20] = 255
+    wrist = torch.rand(batch, 2, 3, 40, 40, generator=generator)
     actions = (2.0 * corner - 1.0)[:, None].expand(batch, 8, 2)
     return {"observations": {"top": top, "wrist": wrist, "state": torch.randn(batch, 2, 1, generator=generator)},
             "actions": actions}
@@ -94,7 +96,7 @@ def image_batch(generator, batch=16):
 def test_image_policy_update_lowers_the_loss_and_acts_on_dict_observations():
     torch.manual_seed(0)
     agent = DiffusionPolicy(DiffusionPolicyConfig(**IMAGES, lr=3e-3), 1, 2)
-    assert agent.obs_dim == 1 + 2 * 3 * 32 * 32 and isinstance(agent.actor.model.denoiser, EncodedDenoiser)
+    assert agent.obs_dim == 1 + 2 * 3 * 40 * 40 and isinstance(agent.actor.model.denoiser, EncodedDenoiser)
     generator = torch.Generator().manual_seed(0)
     losses = [float(agent.update(image_batch(generator))["loss"]) for _ in range(80)]
     assert np.mean(losses[-10:]) < 0.75 * np.mean(losses[:10])

@@ -111,6 +111,9 @@ class ImageEncoder(nn.Module):
         self.crop_shape = tuple(crop_shape)
         self.backbone = ResNet18GN(in_channels, width)
         fh, fw = (ResNet18GN.feature_size(s) for s in self.crop_shape)
+        if fh * fw < 2:
+            raise ValueError(f"crops of {self.crop_shape} pixels leave a 1x1 feature map after ResNet-18's stride of "
+                             "32, so the keypoints could not depend on the image; crop at least 33 pixels on a side")
         self.keypoints = SpatialSoftmax(self.backbone.out_channels, fh, fw, num_keypoints)
         self.feature_dim = 2 * num_keypoints
         self.out = nn.Linear(self.feature_dim, self.feature_dim)
