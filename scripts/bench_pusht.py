@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episodes", type=int, default=50, help="evaluation episodes per run")
     parser.add_argument("--image-episodes", type=int, default=20, help="evaluation episodes per run, images")
     parser.add_argument("--max-steps", type=int, default=MAX_STEPS, help="evaluation episode length (300: PushT's)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each; one log writer)")
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "pusht_data")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "pusht")
     args = parser.parse_args(argv)
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     jobs = jobs_for(args, path)
     todo = [job for job in jobs if _key(job) not in done]
     print(f"{len(todo)} runs to do, {len(kept)} logged in {log}")
-    runs = run_logged([(run_job, (job, args)) for job in todo], log, 1, kept,
+    runs = run_logged([(run_job, (job, args)) for job in todo], log, args.jobs, kept,
                       on_result=lambda r: print(f"{r['obs']} {r['method']} seed {r['seed']}: success "
                                                 f"{r['success_rate']:.2f}, coverage {r['mean_coverage']:.3f} "
                                                 f"(train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s)",
