@@ -193,10 +193,12 @@ def plot(runs: list[dict], path: Path) -> None:
             mean, se = mean_se(values)
             ax.bar(i, mean, yerr=se, color=f"C{('expert', *METHODS).index(method)}", alpha=0.7, capsize=4)
             ax.scatter(np.full(len(values), i), values, color="k", s=12, zorder=3)
-        ax.set_xticks(range(len(groups)), [f"{SHORT[m]}\n({obs})" for obs, m in groups], fontsize=8)
+        budget = {(r["obs"], r["method"]): f"{r['steps']} updates\n" if r["steps"] else "" for r in runs}
+        ax.set_xticks(range(len(groups)), [f"{SHORT[m]}\n({obs})\n{budget[obs, m]}" for obs, m in groups],
+                      fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(title)
-        ax.set_title(f"PushT: {title}")
+        ax.set_title(f"PushT: {title} (3 training seeds: mean +- s.e., dots)", fontsize=10)
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
