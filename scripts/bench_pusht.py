@@ -185,6 +185,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
     groups = [(obs, m) for obs in ("state", "image") for m in ("expert", *METHODS)
               if any(r["obs"] == obs and r["method"] == m for r in runs)]
+    seeds = len({r["seed"] for r in runs if r["method"] != "expert"})
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, field, title in zip(axes, ("success_rate", "mean_coverage"), ("success rate", "mean max coverage"),
                                 strict=True):
@@ -198,7 +199,7 @@ def plot(runs: list[dict], path: Path) -> None:
                       fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(title)
-        ax.set_title(f"PushT: {title} (3 training seeds: mean +- s.e., dots)", fontsize=10)
+        ax.set_title(f"PushT: {title} ({seeds} training seeds: mean +- s.e., dots)", fontsize=10)
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
